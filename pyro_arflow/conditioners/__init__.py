@@ -1,0 +1,34 @@
+"""Networks computing a Gaussian autoregressive layer's ``(loc, raw_scale)``: MADE and LSTM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Conditioner, Solve, resolve_order
+from .lstm import LSTMConditioner
+from .masked import MaskedConditioner, MaskedLinear
+
+__all__ = [
+    "CONDITIONERS",
+    "Conditioner",
+    "LSTMConditioner",
+    "MaskedConditioner",
+    "MaskedLinear",
+    "Solve",
+    "make_conditioner",
+    "resolve_order",
+]
+
+CONDITIONERS: dict[str, type[Conditioner]] = {
+    "masked": MaskedConditioner,
+    "lstm": LSTMConditioner,
+}
+
+
+def make_conditioner(
+    name: str, input_dim: int, context_dim: int | None = None, **kwargs: Any
+) -> Conditioner:
+    """Build the conditioner called ``name`` (``"masked"`` or ``"lstm"``)."""
+    if name not in CONDITIONERS:
+        raise ValueError(f"unknown conditioner {name!r}; expected one of {sorted(CONDITIONERS)}")
+    return CONDITIONERS[name](input_dim, context_dim=context_dim, **kwargs)

@@ -1,0 +1,109 @@
+r"""The LSTM conditioner: :math:`h_t = \mathrm{LSTM}(h_{t-1}, u_{t-1})`,
+:math:`(\mu_t, r_t) = \mathrm{head}(h_t)`, positions taken in the conditioner's order.
+
+Position 0 reads a learned start value from a learned initial state, so its conditional is
+well defined (an empty prefix). ``forward`` is one LSTM call over the shifted sequence
+:math:`(s, u_0, \dots, u_{D-2})`; ``recur`` steps the same network once per position with its
+state carried, feeding each solved value back in. Both cost :math:`O(D)` LSTM steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Conditioner, Ordering, Solve
+
+__all__ = ["LSTMConditioner"]
+
+
+class LSTMConditioner(Conditioner):
+    """An LSTM over the positions in order, with a linear head to ``(loc, raw_scale)``.
+
+    Arguments:
+        input_dim: number of positions ``D``.
+        hidden_size: LSTM state size.
+        num_layers: stacked LSTM layers.
+        context_dim: size of an optional context vector, fed to every step.
+        ordering: ``"natural"``, ``"reversed"``, ``"random"`` (with ``seed``) or a permutation.
+        seed: seed of a random ordering.
+
+    The head and a per-position bias start at zero, so ``loc = 0`` and ``raw_scale = 0``
+    until trained.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_size: int = 32,
+        num_layers: int = 1,
+        context_dim: int | None = None,
+        ordering: Ordering = "natural",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(input_dim, context_dim, ordering, seed)
+        if not (isinstance(hidden_size, int) and hidden_size >= 1):
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if not (isinstance(num_layers, int) and num_layers >= 1):
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.lstm = nn.LSTM(1 + (context_dim or 0), hidden_size, num_layers)
+        self.start_value = nn.Parameter(torch.zeros(()))
+        self.start_hidden = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
+        self.start_cell = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
+        self.head = nn.Linear(hidden_size, 2)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.position_bias = nn.Parameter(torch.zeros(input_dim, 1, 2))
+
+    def _start_state(self, batch: int) -> tuple[Tensor, Tensor]:
+        shape = (self.num_layers, batch, self.hidden_size)
+        return (
+            self.start_hidden.expand(shape).contiguous(),
+            self.start_cell.expand(shape).contiguous(),
+        )
+
+    def _steps_input(self, values: Tensor, context: Tensor | None) -> Tensor:
+        """(T, B) values -> (T, B, 1 + C) LSTM input, the context repeated at every step."""
+        x = values.unsqueeze(-1)
+        if context is None:
+            return x
+        return torch.cat([x, context.expand(values.shape[0], -1, -1)], dim=-1)
+
+    def _unorder(self, ordered: Tensor) -> tuple[Tensor, Tensor]:
+        """(D, B, 2) head outputs in order -> (loc, raw) of shape (B, D) in position index."""
+        params = ordered.permute(1, 2, 0)[..., self.rank]
+        return params[:, 0], params[:, 1]
+
+    def _forward(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        batch = u.shape[0]
+        ordered = u.t()[self.order]
+        start = self.start_value.expand(1, batch)
+        shifted = torch.cat([start, ordered[:-1]], dim=0)
+        hidden, _ = self.lstm(self._steps_input(shifted, context), self._start_state(batch))
+        return self._unorder(self.head(hidden) + self.position_bias)
+
+    def _recur(
+        self, w: Tensor, solve: Solve, context: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        batch = w.shape[0]
+        w_ordered = w.t()[self.order]
+        state = self._start_state(batch)
+        value = self.start_value.expand(1, batch)
+        values, params = [], []
+        for t in range(self.input_dim):
+            hidden, state = self.lstm(self._steps_input(value, context), state)
+            step_params = self.head(hidden[0]) + self.position_bias[t]
+            value = solve(step_params[:, 0], step_params[:, 1], w_ordered[t]).unsqueeze(0)
+            values.append(value)
+            params.append(step_params)
+        u = torch.cat(values, dim=0).t()[:, self.rank]
+        loc, raw = self._unorder(torch.stack(params, dim=0))
+        return u, loc, raw
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, hidden_size={self.hidden_size}, "
+            f"num_layers={self.num_layers}"
+        )
