@@ -2,11 +2,15 @@
 
 from .conditioners import LSTMConditioner, MaskedConditioner
 from .distributions import GaussianAutoregressive
+from .guides import AutoARFlow
+from .priors import FlowPrior
+from .registry import available_flows, build_flow, get_flow, register_flow
 from .transforms import (
     IAF,
     MAF,
     ConditionalIAF,
     ConditionalMAF,
+    Permutation,
     conditional_iaf,
     conditional_maf,
     iaf,
@@ -18,13 +22,20 @@ __version__ = "0.1.0"
 __all__ = [
     "IAF",
     "MAF",
+    "AutoARFlow",
     "ConditionalIAF",
     "ConditionalMAF",
+    "FlowPrior",
     "GaussianAutoregressive",
     "LSTMConditioner",
     "MaskedConditioner",
+    "Permutation",
+    "available_flows",
+    "build_flow",
     "conditional_iaf",
     "conditional_maf",
+    "get_flow",
     "iaf",
     "maf",
+    "register_flow",
 ]

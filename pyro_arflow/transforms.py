@@ -33,6 +33,7 @@ from typing import Any
 from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
+import torch
 from torch import Tensor
 from torch.distributions import Transform
 
@@ -47,6 +48,7 @@ __all__ = [
     "ConditionedAffineAutoregressive",
     "IAF",
     "MAF",
+    "Permutation",
     "conditional_iaf",
     "conditional_maf",
     "iaf",
@@ -268,6 +270,43 @@ class ConditionalMAF(ConditionalAffineAutoregressive):
     r"""MAF whose :math:`(\mu_i, \sigma_i)` also read a context :math:`c`: conditional priors."""
 
     reads_output = True
+
+
+class Permutation(TransformModule):
+    """Reorders the last dimension: ``y = x[..., permutation]``; volume preserving.
+
+    The permutation is a buffer, so it follows ``.to()`` and survives ``state_dict``.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    volume_preserving = True
+
+    permutation: Tensor
+    inverse_permutation: Tensor
+
+    def __init__(self, permutation: Tensor, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        permutation = torch.as_tensor(permutation, dtype=torch.long)
+        if not torch.equal(permutation.sort().values, torch.arange(len(permutation))):
+            raise ValueError(f"expected a permutation of range({len(permutation)}), got {permutation.tolist()}")
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inverse_permutation", torch.argsort(permutation))
+
+    def _call(self, x: Tensor) -> Tensor:
+        return x[..., self.permutation]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return y[..., self.inverse_permutation]
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[:-1])
+
+    def with_cache(self, cache_size: int = 1) -> Permutation:
+        if cache_size == self._cache_size:
+            return self
+        return Permutation(self.permutation, cache_size=cache_size)
 
 
 def iaf(
