@@ -1,6 +1,7 @@
 """Gaussian autoregressive normalizing flows (IAF, MAF; MADE and LSTM conditioners) for Pyro."""
 
 from .conditioners import LSTMConditioner, MaskedConditioner
+from .diagnostics import psis_khat, to_inference_data
 from .distributions import GaussianAutoregressive
 from .guides import AutoARFlow
 from .priors import FlowPrior
@@ -37,5 +38,7 @@ __all__ = [
     "get_flow",
     "iaf",
     "maf",
+    "psis_khat",
     "register_flow",
+    "to_inference_data",
 ]

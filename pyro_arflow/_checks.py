@@ -20,12 +20,17 @@ def check_event(value: Tensor, size: int, name: str) -> None:
         raise ValueError(
             f"{name} must have shape (..., {size}), got shape {tuple(value.shape)}"
         )
-    if (
-        is_validation_enabled()
-        and not torch.jit.is_tracing()
-        and not bool(torch.isfinite(value).all())
-    ):
+    if is_validation_enabled() and not torch.jit.is_tracing() and not all_finite(value):
         raise ValueError(f"{name} has non-finite entries (nan or inf)")
+
+
+def all_finite(value: Tensor) -> bool:
+    """Whether every entry is finite; one reduction in the common case.
+
+    A nan or inf entry makes the sum nan or inf, so a finite sum proves all entries finite;
+    only a non-finite sum (bad entries, or finite ones overflowing) needs the full check.
+    """
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
 
 
 def check_context(context: Tensor | None, context_dim: int | None) -> None:

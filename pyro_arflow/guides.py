@@ -95,9 +95,18 @@ class AutoARFlow(AutoContinuous):
         zeros = torch.zeros_like(self.loc)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
+    def _parts(self) -> list[torch.distributions.Transform]:
+        """Flow layers then the affine map, each cached: scoring the guide's own sample walks
+        back through the caches instead of running an IAF's sequential inverse."""
+        affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
+        return [*synced_child(self, "flow").parts, affine]
+
     def get_transform(self, *args: Any, **kwargs: Any) -> torch.distributions.Transform:
-        affine = AffineTransform(self.loc, self.scale, event_dim=1)
-        return torch.distributions.ComposeTransform([synced_child(self, "flow"), affine])
+        return torch.distributions.ComposeTransform(self._parts(), cache_size=1)
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
+        # A flat list: nested compositions recompute their domains on every call.
+        return dist.TransformedDistribution(self.get_base_dist(), self._parts())
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
         return {

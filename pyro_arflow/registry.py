@@ -132,9 +132,11 @@ def build_flow(
             )
             parts.append(Permutation(order))
         parts.append(factory(input_dim, context_dim=context_dim, **kwargs))
+    # Cached, so a flow scoring its own sample walks back through the cache rather than
+    # solving an IAF's sequential inverse.
     if context_dim is None:
-        return ComposeTransformModule(parts)
-    return ConditionalComposeTransformModule(parts)
+        return ComposeTransformModule(parts, cache_size=1)
+    return ConditionalComposeTransformModule(parts, cache_size=1)
 
 
 def _builtin(plain: Callable[..., Any], conditional: Callable[..., Any], conditioner: str) -> FlowFactory:

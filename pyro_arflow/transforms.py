@@ -76,22 +76,23 @@ class _AffineArithmetic:
     def _clear_log_scale_cache(self) -> None:
         self._cached_log_scale: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _push(self, loc: Tensor, raw_scale: Tensor, x: Tensor) -> Tensor:
-        scale, _ = self.scale_map(raw_scale)
-        return loc + scale * x
-
-    def _pull(self, loc: Tensor, raw_scale: Tensor, y: Tensor) -> Tensor:
-        scale, _ = self.scale_map(raw_scale)
-        return (y - loc) / scale
+    @staticmethod
+    def _affine(loc: Tensor, scale: Tensor, value: Tensor, forward: bool) -> Tensor:
+        """:math:`y = \mu + \sigma x` (forward) or :math:`x = (y - \mu) / \sigma`."""
+        return torch.addcmul(loc, scale, value) if forward else (value - loc) / scale
 
     def _transform(self, value: Tensor, forward: bool) -> Tensor:
-        solve = self._push if forward else self._pull
         if forward != self.reads_output:  # the network reads `value`: one pass
             loc, raw_scale = self.conditioner(value, self.context)
-            result = solve(loc, raw_scale, value)
+            scale, log_scale = self.scale_map(raw_scale)
+            result = self._affine(loc, scale, value, forward)
         else:
+
+            def solve(loc: Tensor, raw_scale: Tensor, w: Tensor) -> Tensor:
+                return self._affine(loc, self.scale_map(raw_scale)[0], w, forward)
+
             result, loc, raw_scale = self.conditioner.recur(value, solve, self.context)
-        _, log_scale = self.scale_map(raw_scale)
+            log_scale = self.scale_map(raw_scale)[1]
         x, y = (value, result) if forward else (result, value)
         self._cached_log_scale = (x, y, log_scale)
         return result

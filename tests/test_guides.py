@@ -153,6 +153,23 @@ def test_other_elbos(elbo):
     assert all(math.isfinite(loss) for loss in losses)
 
 
+@pytest.mark.parametrize("flow", ["iaf", "iaf-lstm"])
+def test_iaf_guides_never_run_the_sequential_direction(flow):
+    """Scoring the guide's own sample must reuse the sampling pass, not invert the IAF."""
+    data = torch.tensor([1.0, -0.5, 2.0])
+    guide = af.AutoARFlow(shapes_model, flow=flow)
+    svi = SVI(shapes_model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step(data)
+    solves = []
+    for module in guide.flow.modules():
+        if isinstance(module, af.IAF):
+            original = module.conditioner.recur
+            module.conditioner.recur = lambda *a, _f=original, **k: solves.append(1) or _f(*a, **k)
+    svi.step(data)
+    Predictive(shapes_model, guide=guide, num_samples=3)(data)
+    assert solves == []
+
+
 def test_step_zero_equals_autonormal_started_at_the_same_point():
     data = torch.tensor([1.0, -0.5, 2.0])
     guide = af.AutoARFlow(shapes_model, hidden_dims=[16], init_loc_fn=init_to_sample, init_scale=0.2)

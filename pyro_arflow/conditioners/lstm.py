@@ -3,8 +3,9 @@ r"""The LSTM conditioner: :math:`h_t = \mathrm{LSTM}(h_{t-1}, u_{t-1})`,
 
 Position 0 reads a learned start value from a learned initial state, so its conditional is
 well defined (an empty prefix). ``forward`` is one LSTM call over the shifted sequence
-:math:`(s, u_0, \dots, u_{D-2})`; ``recur`` steps the same network once per position with its
-state carried, feeding each solved value back in. Both cost :math:`O(D)` LSTM steps.
+:math:`(s, u_0, \dots, u_{D-2})`; ``recur`` steps the same weights once per position with the state
+carried (one fused ``lstm_cell`` call per layer and step), feeding each solved value back in.
+Both cost :math:`O(D)` LSTM steps.
 """
 
 from __future__ import annotations
@@ -87,18 +88,25 @@ class LSTMConditioner(Conditioner):
     def _recur(
         self, w: Tensor, solve: Solve, context: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # One fused cell call per layer and step, on the same weights nn.LSTM uses in forward.
         batch = w.shape[0]
         w_ordered = w.t()[self.order]
-        state = self._start_state(batch)
-        value = self.start_value.expand(1, batch)
+        hidden, cell = self._start_state(batch)
+        states = list(zip(hidden.unbind(0), cell.unbind(0)))
+        weights = [self.lstm._flat_weights[4 * k : 4 * k + 4] for k in range(self.num_layers)]
+        head_weight, head_bias = self.head.weight, self.head.bias
+        value = self.start_value.expand(batch, 1)
         values, params = [], []
         for t in range(self.input_dim):
-            hidden, state = self.lstm(self._steps_input(value, context), state)
-            step_params = self.head(hidden[0]) + self.position_bias[t]
-            value = solve(step_params[:, 0], step_params[:, 1], w_ordered[t]).unsqueeze(0)
+            x = value if context is None else torch.cat([value, context], dim=-1)
+            for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+                states[layer] = torch.lstm_cell(x, states[layer], w_ih, w_hh, b_ih, b_hh)
+                x = states[layer][0]
+            step_params = torch.addmm(head_bias + self.position_bias[t], x, head_weight.t())
+            value = solve(step_params[:, :1], step_params[:, 1:], w_ordered[t, :, None])
             values.append(value)
             params.append(step_params)
-        u = torch.cat(values, dim=0).t()[:, self.rank]
+        u = torch.cat(values, dim=1)[:, self.rank]
         loc, raw = self._unorder(torch.stack(params, dim=0))
         return u, loc, raw
 

@@ -1,0 +1,119 @@
+r"""Diagnostics for a fitted guide: PSIS :math:`\hat k` and ArviZ ``InferenceData``.
+
+:math:`\hat k` (Yao, Vehtari, Simpson and Gelman 2018, "Yes, but Did It Work?: Evaluating
+Variational Inference", https://arxiv.org/abs/1802.02538) is the shape of a generalized Pareto
+fit to the largest importance ratios :math:`p(x, z) / q(z)`, :math:`z \sim q`:
+below 0.5 the guide is good, 0.5 to 0.7 usable, above 0.7 unreliable. The fit is Pyro's
+(``pyro.infer.importance.psis_diagnostic``), not a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from pyro import poutine
+from pyro.infer import Predictive
+from pyro.infer.importance import psis_diagnostic
+from pyro.poutine.util import site_is_subsample
+
+if TYPE_CHECKING:
+    import arviz as az
+
+__all__ = ["psis_khat", "to_inference_data"]
+
+
+def psis_khat(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_particles: int = 1000,
+    max_simultaneous_particles: int | None = None,
+    max_plate_nesting: int = 7,
+    **kwargs: Any,
+) -> float:
+    """PSIS :math:`\\hat k` of ``guide`` for ``model``'s posterior given ``*args, **kwargs``.
+
+    Arguments:
+        model, guide: a Pyro model and a fitted guide, both vectorizable over a particle plate.
+        num_particles: draws from the guide; more gives a steadier estimate (Yao et al. use
+            thousands).
+        max_simultaneous_particles: draws per vectorized batch (a divisor of
+            ``num_particles``); default all at once.
+        max_plate_nesting: bound on the plates nested in the model.
+    """
+    if not (isinstance(num_particles, int) and num_particles >= 2):
+        raise ValueError(f"num_particles must be an int >= 2, got {num_particles!r}")
+    with torch.no_grad():
+        khat = psis_diagnostic(
+            model,
+            guide,
+            *args,
+            num_particles=num_particles,
+            max_simultaneous_particles=max_simultaneous_particles or num_particles,
+            max_plate_nesting=max_plate_nesting,
+            **kwargs,
+        )
+    return float(khat)
+
+
+def _dim_names(site: dict[str, Any]) -> list[str]:
+    """Names for every dim of a site's value: plate names where a plate sits, else generic."""
+    value = site["value"]
+    batch_dims = value.dim() - site["fn"].event_dim
+    names = [f"{site['name']}_dim_{axis}" for axis in range(value.dim())]
+    for frame in site["cond_indep_stack"]:
+        axis = batch_dims + frame.dim
+        if frame.vectorized and 0 <= axis < batch_dims:
+            names[axis] = frame.name
+    return names
+
+
+def _as_array(value: torch.Tensor) -> np.ndarray:
+    return value.detach().cpu().numpy()
+
+
+def to_inference_data(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 1000,
+    **kwargs: Any,
+) -> az.InferenceData:
+    """An ``arviz.InferenceData`` of ``num_samples`` guide draws, as if from one MCMC chain.
+
+    The ``posterior`` group holds every latent site with its real shape (plates become named
+    dims), ``observed_data`` the model's observed sites, so ``az.summary``,
+    ``az.plot_posterior`` and friends work on a guide as they do on MCMC output.
+    """
+    import arviz as az  # imported here: it is slow to import and only this function needs it
+
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        sites = [
+            site
+            for site in model_trace.nodes.values()
+            if site["type"] == "sample"
+            and not site_is_subsample(site)
+            and not site["infer"].get("is_auxiliary")
+        ]
+        latent = [site for site in sites if not site["is_observed"]]
+        observed = [site for site in sites if site["is_observed"]]
+        draws = Predictive(
+            model,
+            guide=guide,
+            num_samples=num_samples,
+            return_sites=[site["name"] for site in latent],
+        )(*args, **kwargs)
+    posterior = {
+        site["name"]: _as_array(draws[site["name"]].reshape((1, num_samples) + site["value"].shape))
+        for site in latent
+    }
+    observed_data = {site["name"]: _as_array(site["value"]) for site in observed}
+    dims = {site["name"]: _dim_names(site) for site in sites}
+    return az.from_dict(posterior=posterior, observed_data=observed_data, dims=dims)
