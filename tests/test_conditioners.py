@@ -53,16 +53,20 @@ def test_outputs_depend_only_on_earlier_positions():
         assert torch.all(reach[~not_before] > 0)  # every earlier position is read
 
 
-def test_lstm_runs_once_forward_and_one_step_per_position_recurring():
-    dim = 50
-    conditioner = perturb(LSTMConditioner(dim, hidden_size=8))
+def test_lstm_runs_once_forward_and_one_cell_step_per_position_recurring(monkeypatch):
+    dim, layers = 50, 2
+    conditioner = perturb(LSTMConditioner(dim, hidden_size=8, num_layers=layers))
     calls = []
     conditioner.lstm.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     conditioner(torch.randn(4, dim))
     assert calls == [dim]  # one call over the whole shifted sequence
     calls.clear()
+    cell_steps = []
+    lstm_cell = torch.lstm_cell
+    monkeypatch.setattr(torch, "lstm_cell", lambda *args: cell_steps.append(1) or lstm_cell(*args))
     conditioner.recur(torch.randn(4, dim), push)
-    assert calls == [1] * dim  # one single-step call per position, no prefix re-runs
+    assert calls == []  # no prefix re-runs of the sequence model
+    assert len(cell_steps) == dim * layers  # one fused cell call per layer and position
 
 
 def test_lstm_first_position_reads_the_learned_start():
