@@ -5,7 +5,8 @@
 Setting (the issue's): D = 64, two hidden layers of 256 units, batch 4096, float32, CPU.
 
 * Parallel direction (IAF forward / MAF density): our masked layer, Pyro's
-  ``AffineAutoregressive``, zuko's ``MAF`` (one transform), each with its log-determinant, and
+  ``AffineAutoregressive``, zuko's ``MAF`` (one transform) and nflows'
+  ``MaskedAffineAutoregressiveTransform``, each with its log-determinant, and
   the floor, an unmasked MLP of the same shape alone; timed without and with a backward pass,
   the methods taking turns.
 * Sequential direction (sampling): every layer is first fitted by maximum likelihood to a
@@ -30,6 +31,7 @@ from collections.abc import Callable
 import pyro.distributions as dist
 import torch
 import zuko
+from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
 from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
 
@@ -76,7 +78,7 @@ class Candidate:
 
     def fit(self, steps: int, data: torch.Tensor) -> float:
         optimizer = torch.optim.Adam(self.module.parameters(), lr=1e-3)
-        for step in range(steps):
+        for _ in range(steps):
             batch = data[torch.randint(len(data), (512,))]
             loss = -self.log_prob(batch).mean()
             optimizer.zero_grad()
@@ -101,7 +103,11 @@ def pyro_maf() -> Candidate:
     layer = affine_autoregressive(DIM, hidden_dims=HIDDEN)  # IAF; .inv makes it a MAF
     flow = dist.TransformedDistribution(standard_normal(), [layer.inv])
     return Candidate(
-        "Pyro AffineAutoregressive", layer, flow.log_prob, lambda z: layer.inv(z), lambda x: layer(x)
+        "Pyro AffineAutoregressive",
+        layer,
+        flow.log_prob,
+        lambda z: layer.inv(z),
+        lambda x: layer(x),
     )
 
 
@@ -116,9 +122,38 @@ def zuko_maf() -> Candidate:
     )
 
 
+def nflows_transform() -> MaskedAffineAutoregressiveTransform:
+    """Two masked hidden layers of 256 (the input layer and one non-residual block)."""
+    return MaskedAffineAutoregressiveTransform(
+        features=DIM,
+        hidden_features=HIDDEN[0],
+        num_blocks=len(HIDDEN) - 1,
+        use_residual_blocks=False,
+    )
+
+
+def nflows_maf() -> Candidate:
+    transform = nflows_transform()
+
+    def log_prob(x):
+        z, log_det = transform(x)
+        return standard_normal().log_prob(z) + log_det
+
+    return Candidate(
+        "nflows MAF",
+        transform,
+        log_prob,
+        lambda z: transform.inverse(z)[0],
+        lambda x: transform(x)[0],
+    )
+
+
 def mlp_floor() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(DIM, HIDDEN[0]), nn.ReLU(), nn.Linear(HIDDEN[0], HIDDEN[1]), nn.ReLU(),
+        nn.Linear(DIM, HIDDEN[0]),
+        nn.ReLU(),
+        nn.Linear(HIDDEN[0], HIDDEN[1]),
+        nn.ReLU(),
         nn.Linear(HIDDEN[1], 2 * DIM),
     )
 
@@ -149,6 +184,13 @@ def parallel_table(repeats: int) -> None:
         return y.sum() + ladj.sum()
 
     runs["zuko MAF"] = zuko_run
+    nflows_layer = nflows_transform()
+
+    def nflows_run():
+        y, log_det = nflows_layer(x.clone())
+        return y.sum() + log_det.sum()
+
+    runs["nflows MAF"] = nflows_run
     with torch.no_grad():
         no_grad = interleaved_medians(runs, repeats)
     train = interleaved_medians({k: (lambda f=f: f().backward()) for k, f in runs.items()}, repeats)
@@ -160,7 +202,7 @@ def parallel_table(repeats: int) -> None:
             f"{name:28s} {no_grad[name]:11.2f} {no_grad[name] / no_grad[floor_name]:8.2f} "
             f"{train[name]:11.2f} {train[name] / train[floor_name]:8.2f}"
         )
-    for peer in ("Pyro AffineAutoregressive", "zuko MAF"):
+    for peer in ("Pyro AffineAutoregressive", "zuko MAF", "nflows MAF"):
         print(
             f"ours / {peer}: {no_grad['pyro-arflow IAF'] / no_grad[peer]:.2f} (no grad), "
             f"{train['pyro-arflow IAF'] / train[peer]:.2f} (fwd+bwd)"
@@ -169,11 +211,17 @@ def parallel_table(repeats: int) -> None:
 
 def sequential_table(steps: int, repeats: int) -> None:
     data = ar1_samples(20000)
-    candidates = [ours(), pyro_maf(), zuko_maf()]
-    print(f"\nSequential direction (sampling) after {steps} fitting steps on a Gaussian AR(1), rho=0.9")
-    exact_nll = -dist.MultivariateNormal(
-        torch.zeros(DIM), torch.cov(data.T)
-    ).log_prob(data[:2000]).mean().item()
+    candidates = [ours(), pyro_maf(), zuko_maf(), nflows_maf()]
+    print(
+        f"\nSequential direction (sampling) after {steps} fitting steps "
+        "on a Gaussian AR(1), rho=0.9"
+    )
+    exact_nll = (
+        -dist.MultivariateNormal(torch.zeros(DIM), torch.cov(data.T))
+        .log_prob(data[:2000])
+        .mean()
+        .item()
+    )
     z = torch.randn(BATCH, DIM)
     print(f"{'method':28s} {'train NLL':>10s} {'ms':>9s} {'net passes':>16s} {'max inv err':>12s}")
     times = {}
@@ -194,7 +242,10 @@ def sequential_table(steps: int, repeats: int) -> None:
     name = "pyro-arflow MAF, D passes"
     print(f"{name:28s} {'':10s} {reference_ms:9.1f} {DIM:>16d} {'':12s}")
     print(f"(exact NLL of the fitted Gaussian on the data: {exact_nll:.2f})")
-    print(f"incremental vs D-pass result on the fitted layer: max |diff| = {(fast - reference).abs().max().item():.2e}")
+    print(
+        "incremental vs D-pass result on the fitted layer: max |diff| = "
+        f"{(fast - reference).abs().max().item():.2e}"
+    )
     ours_ms = times[candidates[0].name]
     for peer in candidates[1:]:
         print(f"ours / {peer.name}: {ours_ms / times[peer.name]:.3f}")
@@ -231,11 +282,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    ) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in open("/proc/cpuinfo")
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
+    print(
+        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     parallel_table(args.repeats)
     sequential_table(args.fit_steps, args.repeats)
     lstm_table(args.repeats)

@@ -96,7 +96,11 @@ def main() -> None:
         (features, labels),
         args.steps,
     )
-    report("100-dimensional latent (logistic regression)", results, f"AutoIAFNormal(hidden={hidden}, 2 layers)")
+    report(
+        "100-dimensional latent (logistic regression)",
+        results,
+        f"AutoIAFNormal(hidden={hidden}, 2 layers)",
+    )
 
     series = (0.1 * torch.randn(2000)).cumsum(0) + 0.5 * torch.randn(2000)
     results = seconds_per_step(

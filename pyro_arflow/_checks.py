@@ -13,13 +13,11 @@ from torch import Tensor
 
 
 def check_event(value: Tensor, size: int, name: str) -> None:
-    """Raise ``ValueError`` unless ``value`` is a tensor of shape ``(..., size)`` with finite entries."""
+    """Raise ``ValueError`` unless ``value`` is a tensor of shape ``(..., size)``, all finite."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() == 0 or value.shape[-1] != size:
-        raise ValueError(
-            f"{name} must have shape (..., {size}), got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have shape (..., {size}), got shape {tuple(value.shape)}")
     if is_validation_enabled() and not torch.jit.is_tracing() and not all_finite(value):
         raise ValueError(f"{name} has non-finite entries (nan or inf)")
 

@@ -94,7 +94,9 @@ def to_inference_data(
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
         sites = [
             site
             for site in model_trace.nodes.values()

@@ -19,7 +19,8 @@ from pyro.distributions import Normal, TorchDistribution, TransformedDistributio
 from torch import Size, Tensor
 
 from .conditioners import Conditioner
-from .scales import ScaleMap, scale_map as resolve_scale_map
+from .scales import ScaleMap
+from .scales import scale_map as resolve_scale_map
 from .transforms import MAF, ConditionalMAF
 
 __all__ = ["GaussianAutoregressive"]
@@ -109,9 +110,7 @@ class GaussianAutoregressive(TorchDistribution):
         batch_shape = Size(batch_shape)
         new.conditioner = self.conditioner
         new.scale_map = self.scale_map
-        new.context = (
-            None if self.context is None else self.context.expand(batch_shape + (-1,))
-        )
+        new.context = None if self.context is None else self.context.expand(batch_shape + (-1,))
         super(GaussianAutoregressive, new).__init__(
             batch_shape, self.event_shape, validate_args=False
         )

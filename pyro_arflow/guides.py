@@ -54,7 +54,8 @@ class AutoARFlow(AutoContinuous):
         ...     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
         ...     pyro.sample("x", dist.Normal(0.0, scale).expand([3]).to_event(1))
         >>> guide = af.AutoARFlow(model, flow="iaf", hidden_dims=[16])
-        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO())
+        >>> adam = pyro.optim.Adam({"lr": 0.01})
+        >>> svi = pyro.infer.SVI(model, guide, adam, pyro.infer.Trace_ELBO())
         >>> loss = svi.step()
         >>> sorted(guide.median())
         ['scale', 'x']
@@ -126,7 +127,12 @@ class AutoARFlow(AutoContinuous):
 
     @torch.no_grad()
     def quantiles(
-        self, quantiles: list[float] | Tensor, *args: Any, num_samples: int = 2000, seed: int = 0, **kwargs: Any
+        self,
+        quantiles: list[float] | Tensor,
+        *args: Any,
+        num_samples: int = 2000,
+        seed: int = 0,
+        **kwargs: Any,
     ) -> dict[str, Tensor]:
         """Marginal posterior quantiles per site, Monte Carlo over ``num_samples`` draws.
 

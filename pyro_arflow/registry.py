@@ -42,7 +42,7 @@ _plugins_loaded = False
 
 
 def register_flow(name: str, factory: F | None = None) -> Any:
-    """Register ``factory`` under ``name``; use as ``register_flow(name, f)`` or ``@register_flow(name)``.
+    """Register ``factory`` as ``name``: ``register_flow(name, f)`` or ``@register_flow(name)``.
 
     Registering a different factory under a taken name raises ``ValueError``.
     """
@@ -139,7 +139,9 @@ def build_flow(
     return ConditionalComposeTransformModule(parts, cache_size=1)
 
 
-def _builtin(plain: Callable[..., Any], conditional: Callable[..., Any], conditioner: str) -> FlowFactory:
+def _builtin(
+    plain: Callable[..., Any], conditional: Callable[..., Any], conditioner: str
+) -> FlowFactory:
     def factory(input_dim: int, context_dim: int | None = None, **kwargs: Any) -> Any:
         if context_dim is None:
             return plain(input_dim, conditioner=conditioner, **kwargs)

@@ -135,7 +135,7 @@ SCALE_MAPS: dict[str, type[ScaleMap]] = {
 
 
 def scale_map(spec: str | ScaleMap = "softplus") -> ScaleMap:
-    """Resolve a scale-map name (``"softplus"``, ``"exp"``, ``"sigmoid"``) or pass an instance through."""
+    """The scale map named ``"softplus"``, ``"exp"`` or ``"sigmoid"``; instances pass through."""
     if isinstance(spec, ScaleMap):
         return spec
     if spec not in SCALE_MAPS:

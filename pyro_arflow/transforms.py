@@ -30,15 +30,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
-import torch
 from torch import Tensor
 from torch.distributions import Transform
 
 from .conditioners import Conditioner, make_conditioner
-from .scales import ScaleMap, scale_map as resolve_scale_map
+from .scales import ScaleMap
+from .scales import scale_map as resolve_scale_map
 
 __all__ = [
     "AffineAutoregressive",
@@ -78,7 +79,7 @@ class _AffineArithmetic:
 
     @staticmethod
     def _affine(loc: Tensor, scale: Tensor, value: Tensor, forward: bool) -> Tensor:
-        """:math:`y = \mu + \sigma x` (forward) or :math:`x = (y - \mu) / \sigma`."""
+        r""":math:`y = \mu + \sigma x` (forward) or :math:`x = (y - \mu) / \sigma`."""
         return torch.addcmul(loc, scale, value) if forward else (value - loc) / scale
 
     def _transform(self, value: Tensor, forward: bool) -> Tensor:
@@ -291,7 +292,9 @@ class Permutation(TransformModule):
         super().__init__(cache_size=cache_size)
         permutation = torch.as_tensor(permutation, dtype=torch.long)
         if not torch.equal(permutation.sort().values, torch.arange(len(permutation))):
-            raise ValueError(f"expected a permutation of range({len(permutation)}), got {permutation.tolist()}")
+            raise ValueError(
+                f"expected a permutation of range({len(permutation)}), got {permutation.tolist()}"
+            )
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
@@ -338,7 +341,9 @@ def conditional_iaf(
     **kwargs: Any,
 ) -> ConditionalIAF:
     """One conditional IAF layer reading a context of size ``context_dim``."""
-    return ConditionalIAF(make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map)
+    return ConditionalIAF(
+        make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map
+    )
 
 
 def conditional_maf(
@@ -349,4 +354,6 @@ def conditional_maf(
     **kwargs: Any,
 ) -> ConditionalMAF:
     """One conditional MAF layer reading a context of size ``context_dim``."""
-    return ConditionalMAF(make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map)
+    return ConditionalMAF(
+        make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map
+    )

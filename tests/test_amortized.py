@@ -32,7 +32,9 @@ class AmortizedGuide(nn.Module):
 
     def __init__(self, with_flow: bool) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(OBSERVED, 32), nn.Tanh(), nn.Linear(32, 2 * LATENT + CONTEXT))
+        self.encoder = nn.Sequential(
+            nn.Linear(OBSERVED, 32), nn.Tanh(), nn.Linear(32, 2 * LATENT + CONTEXT)
+        )
         self.flow = af.conditional_iaf(LATENT, CONTEXT, hidden_dims=[16]) if with_flow else None
 
     def forward(self, x):
@@ -49,7 +51,12 @@ def elbo_gap_per_point(with_flow: bool, x: torch.Tensor, log_evidence: float) ->
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AmortizedGuide(with_flow)
-    svi = SVI(model, guide, ClippedAdam({"lr": 0.01, "lrd": 0.05 ** (1 / 1500)}), Trace_ELBO(num_particles=4, vectorize_particles=True))
+    svi = SVI(
+        model,
+        guide,
+        ClippedAdam({"lr": 0.01, "lrd": 0.05 ** (1 / 1500)}),
+        Trace_ELBO(num_particles=4, vectorize_particles=True),
+    )
     for _ in range(1500):
         svi.step(x)
     with torch.no_grad():
@@ -68,6 +75,9 @@ def test_conditional_iaf_guide_closes_the_amortized_mean_field_gap():
 
     flow_gap = elbo_gap_per_point(True, x, log_evidence)
     diagonal_gap = elbo_gap_per_point(False, x, log_evidence)
-    print(f"per-point ELBO gap: conditional IAF {flow_gap:.3f}, diagonal {diagonal_gap:.3f}, mean-field bound {mean_field_gap:.3f}")
+    print(
+        f"per-point ELBO gap: conditional IAF {flow_gap:.3f}, diagonal {diagonal_gap:.3f}, "
+        f"mean-field bound {mean_field_gap:.3f}"
+    )
     assert diagonal_gap > 0.9 * mean_field_gap  # bounded below by the closed form
     assert flow_gap < 0.25 * mean_field_gap

@@ -28,7 +28,9 @@ def push(loc, raw, z):
 )
 def test_recur_solves_what_forward_reads(name, kwargs, conditional):
     dim = 6
-    conditioner = perturb(make_conditioner(name, dim, CONTEXT_DIM if conditional else None, **kwargs))
+    conditioner = perturb(
+        make_conditioner(name, dim, CONTEXT_DIM if conditional else None, **kwargs)
+    )
     conditioner.double()
     context = torch.randn(5, CONTEXT_DIM, dtype=torch.float64) if conditional else None
     w = torch.randn(5, dim, dtype=torch.float64)
@@ -41,7 +43,10 @@ def test_recur_solves_what_forward_reads(name, kwargs, conditional):
 
 def test_outputs_depend_only_on_earlier_positions():
     order = [3, 1, 4, 0, 2]
-    for conditioner in (MaskedConditioner(5, [12], ordering=order), LSTMConditioner(5, 6, ordering=order)):
+    for conditioner in (
+        MaskedConditioner(5, [12], ordering=order),
+        LSTMConditioner(5, 6, ordering=order),
+    ):
         perturb(conditioner.double())
         rank = conditioner.rank
         not_before = rank[None, :] >= rank[:, None]

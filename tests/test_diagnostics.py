@@ -38,7 +38,9 @@ def test_khat_is_small_for_the_exact_posterior_and_large_for_a_misplaced_guide()
     loc, scale = exact_posterior(DATA)
     good = af.psis_khat(model, gaussian_guide(loc, scale), DATA, num_particles=2000)
     slightly_wide = af.psis_khat(model, gaussian_guide(loc, 1.2 * scale), DATA, num_particles=2000)
-    bad = af.psis_khat(model, gaussian_guide(loc + 3 * scale, 0.3 * scale), DATA, num_particles=2000)
+    bad = af.psis_khat(
+        model, gaussian_guide(loc + 3 * scale, 0.3 * scale), DATA, num_particles=2000
+    )
     assert good < 0.2
     assert slightly_wide < 0.5  # a wider guide has bounded weights
     assert bad > 0.7
@@ -58,7 +60,9 @@ def plated_model(data):
     with pyro.plate("groups", 3, dim=-2):
         offsets = pyro.sample("offsets", dist.Normal(0.0, 1.0))
         with pyro.plate("items", 4, dim=-1):
-            pyro.sample("obs", dist.Normal(offsets + weights.sum(-1, keepdim=True), scale), obs=data)
+            pyro.sample(
+                "obs", dist.Normal(offsets + weights.sum(-1, keepdim=True), scale), obs=data
+            )
 
 
 def test_inference_data_has_every_site_with_its_shape_and_plate_dims():
@@ -82,7 +86,9 @@ def test_inference_data_has_every_site_with_its_shape_and_plate_dims():
     assert len(summary) == 1 + 2 + 3
     # the draws are the guide's: their mean matches the guide's own Monte Carlo quantiles
     median = guide.quantiles([0.5], data)["weights"][0]
-    assert torch.allclose(torch.tensor(posterior["weights"].median(("chain", "draw")).values), median, atol=0.3)
+    assert torch.allclose(
+        torch.tensor(posterior["weights"].median(("chain", "draw")).values), median, atol=0.3
+    )
 
 
 def test_bad_arguments_raise_value_error():

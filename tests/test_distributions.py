@@ -22,7 +22,9 @@ def linear_ar_conditioner(coefficients: list[float], intercept: float, sigma: fl
         weight[:dim, :dim] += a * torch.diag(torch.ones(dim - lag, dtype=torch.float64), -lag)
     with torch.no_grad():
         conditioner.output.weight.copy_(weight)
-        conditioner.output.bias.copy_(torch.cat([torch.full((dim,), intercept, dtype=torch.float64), raw.expand(dim)]))
+        conditioner.output.bias.copy_(
+            torch.cat([torch.full((dim,), intercept, dtype=torch.float64), raw.expand(dim)])
+        )
     return conditioner
 
 

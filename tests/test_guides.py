@@ -25,7 +25,9 @@ import pyro_arflow as af
 
 def fit(model, guide, steps, lr=0.01, final_lr_fraction=0.05, particles=16, *args):
     optimizer = ClippedAdam({"lr": lr, "lrd": final_lr_fraction ** (1 / steps)})
-    svi = SVI(model, guide, optimizer, Trace_ELBO(num_particles=particles, vectorize_particles=True))
+    svi = SVI(
+        model, guide, optimizer, Trace_ELBO(num_particles=particles, vectorize_particles=True)
+    )
     for _ in range(steps):
         svi.step(*args)
 
@@ -48,7 +50,11 @@ class ConjugateGaussian:
         self.covariance = torch.linalg.inv(precision)
         self.mean = self.covariance @ a.T @ x / sigma**2
         marginal = a @ a.T + sigma**2 * torch.eye(dim, dtype=torch.float64)
-        self.log_evidence = dist.MultivariateNormal(torch.zeros(dim, dtype=torch.float64), marginal).log_prob(x).item()
+        self.log_evidence = (
+            dist.MultivariateNormal(torch.zeros(dim, dtype=torch.float64), marginal)
+            .log_prob(x)
+            .item()
+        )
         # the best fully factorized Gaussian misses KL = (sum log diag(P) - log det P) / 2
         self.mean_field_gap = 0.5 * (precision.diag().log().sum() - torch.logdet(precision)).item()
         self.a, self.x, self.sigma, self.dim = a.float(), x.float(), sigma, dim
@@ -134,7 +140,9 @@ def test_every_builtin_flow_trains_and_summarizes(flow, elbo_class):
     reference = Predictive(shapes_model, guide=AutoNormal(shapes_model), num_samples=7)(None)
     assert {k: v.shape for k, v in samples.items()} == {k: v.shape for k, v in reference.items()}
     for name, shape in SITE_SHAPES.items():  # Pyro pads unplated sites to the plate depth
-        assert samples[name].shape[0] == 7 and samples[name].shape[-len(shape) or 1 :] == (shape or (1,))
+        assert samples[name].shape[0] == 7 and samples[name].shape[-len(shape) or 1 :] == (
+            shape or (1,)
+        )
 
 
 @pytest.mark.parametrize(
@@ -172,7 +180,9 @@ def test_iaf_guides_never_run_the_sequential_direction(flow):
 
 def test_step_zero_equals_autonormal_started_at_the_same_point():
     data = torch.tensor([1.0, -0.5, 2.0])
-    guide = af.AutoARFlow(shapes_model, hidden_dims=[16], init_loc_fn=init_to_sample, init_scale=0.2)
+    guide = af.AutoARFlow(
+        shapes_model, hidden_dims=[16], init_loc_fn=init_to_sample, init_scale=0.2
+    )
     guide(data)
     init_loc = guide._init_loc()
     posterior = guide.get_posterior()

@@ -29,7 +29,9 @@ def change_of_variables_log_prob(prior, context, z):
 @pytest.mark.parametrize("context_dim", [None, 2])
 def test_log_prob_is_the_flows_change_of_variables(flow, context_dim):
     kwargs = {"hidden_size": 6} if flow.endswith("lstm") else {"hidden_dims": [12]}
-    prior = perturb(af.FlowPrior(4, flow=flow, num_flows=2, context_dim=context_dim, **kwargs).double())
+    prior = perturb(
+        af.FlowPrior(4, flow=flow, num_flows=2, context_dim=context_dim, **kwargs).double()
+    )
     context = torch.randn(2, dtype=torch.float64) if context_dim else None
     p = prior(context)
     for z in torch.randn(3, 4, dtype=torch.float64):

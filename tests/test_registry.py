@@ -65,7 +65,9 @@ def test_register_flow_as_decorator_and_call(isolated_registry):
     assert af.build_flow("tiny-iaf", 3, num_flows=2)[0].conditioner.hidden_dims == [4]
 
 
-def test_entry_point_plugins_load_lazily_and_broken_ones_warn(isolated_registry, tmp_path, monkeypatch):
+def test_entry_point_plugins_load_lazily_and_broken_ones_warn(
+    isolated_registry, tmp_path, monkeypatch
+):
     (tmp_path / "fake_arflow_plugin.py").write_text(
         textwrap.dedent(
             """
@@ -78,7 +80,9 @@ def test_entry_point_plugins_load_lazily_and_broken_ones_warn(isolated_registry,
     )
     info = tmp_path / "fake_arflow_plugin-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-arflow-plugin\nVersion: 0.1\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: fake-arflow-plugin\nVersion: 0.1\n"
+    )
     (info / "entry_points.txt").write_text(
         "[pyro_arflow.flows]\n"
         "reversed-iaf = fake_arflow_plugin:reversed_iaf\n"
@@ -96,7 +100,9 @@ def test_entry_point_plugins_load_lazily_and_broken_ones_warn(isolated_registry,
 
 
 def test_bad_names_and_arguments_raise_value_error(isolated_registry):
-    with pytest.raises(ValueError, match=r"unknown flow 'nice'; available flows: \['iaf', 'iaf-lstm'"):
+    with pytest.raises(
+        ValueError, match=r"unknown flow 'nice'; available flows: \['iaf', 'iaf-lstm'"
+    ):
         af.get_flow("nice")
     with pytest.raises(ValueError, match="unknown flow"):
         af.build_flow("nice", 3)
@@ -104,7 +110,9 @@ def test_bad_names_and_arguments_raise_value_error(isolated_registry):
         af.build_flow("iaf", 3, num_flows=0)
     with pytest.raises(ValueError, match="input_dim must be a positive int, got -2"):
         af.build_flow("iaf", -2)
-    with pytest.raises(ValueError, match="permutation must be 'reversed' or 'random', got 'cyclic'"):
+    with pytest.raises(
+        ValueError, match="permutation must be 'reversed' or 'random', got 'cyclic'"
+    ):
         af.build_flow("iaf", 3, permutation="cyclic")
     with pytest.raises(ValueError, match="non-empty string"):
         af.register_flow("", lambda input_dim: None)

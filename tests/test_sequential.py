@@ -44,7 +44,7 @@ def test_incremental_equals_d_passes_on_random_layers(kwargs, dtype, tol):
     context = torch.randn(6, CONTEXT_DIM, dtype=dtype) if "context_dim" in kwargs else None
     w = torch.randn(6, dim, dtype=dtype)
     fast, reference = both_ways(conditioner, w, push, context)
-    for a, b in zip(fast, reference):
+    for a, b in zip(fast, reference, strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=0)
 
 
@@ -88,7 +88,7 @@ def test_incremental_solve_carries_exact_gradients():
         layer.zero_grad()
         layer(z.clone()).square().sum().backward()
         grads[method] = [p.grad.clone() for p in layer.parameters()]
-    for a, b in zip(grads["incremental"], grads["passes"]):
+    for a, b in zip(grads["incremental"], grads["passes"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 

@@ -52,7 +52,8 @@ def resolve_order(input_dim: int, ordering: Ordering = "natural", seed: int = 0)
     order = torch.as_tensor(ordering, dtype=torch.long).reshape(-1)
     if not torch.equal(order.sort().values, torch.arange(input_dim)):
         raise ValueError(
-            f"an explicit ordering must be a permutation of range({input_dim}), got {order.tolist()}"
+            f"an explicit ordering must be a permutation of range({input_dim}), "
+            f"got {order.tolist()}"
         )
     return order.clone()
 

@@ -92,7 +92,7 @@ class LSTMConditioner(Conditioner):
         batch = w.shape[0]
         w_ordered = w.t()[self.order]
         hidden, cell = self._start_state(batch)
-        states = list(zip(hidden.unbind(0), cell.unbind(0)))
+        states = list(zip(hidden.unbind(0), cell.unbind(0), strict=True))
         weights = [self.lstm._flat_weights[4 * k : 4 * k + 4] for k in range(self.num_layers)]
         head_weight, head_bias = self.head.weight, self.head.bias
         value = self.start_value.expand(batch, 1)
@@ -112,6 +112,5 @@ class LSTMConditioner(Conditioner):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, hidden_size={self.hidden_size}, "
-            f"num_layers={self.num_layers}"
+            f"{super().extra_repr()}, hidden_size={self.hidden_size}, num_layers={self.num_layers}"
         )

@@ -105,9 +105,7 @@ class MaskedConditioner(Conditioner):
         for index, width in enumerate(hidden_dims):
             degrees = hidden_degrees(input_dim, width)
             thresholds = torch.arange(-1, input_dim)
-            self._units_through.append(
-                torch.searchsorted(degrees, thresholds, right=True).tolist()
-            )
+            self._units_through.append(torch.searchsorted(degrees, thresholds, right=True).tolist())
             mask = (in_degrees[None, :] <= degrees[:, None]).float()
             if index == 0:
                 mask = torch.cat([mask, torch.ones(width, context_width)], dim=1)
@@ -167,7 +165,9 @@ class MaskedConditioner(Conditioner):
                     offset = torch.addmm(offset, context_weight, context.t())
             if index == len(layers) - 1:
                 weight = torch.stack([weight[:dim], weight[dim:]], 1)[self.order]
-                offset = torch.stack([offset[:dim], offset[dim:]], 1).expand(-1, -1, offset.shape[-1])[self.order]
+                offset = torch.stack([offset[:dim], offset[dim:]], 1).expand(
+                    -1, -1, offset.shape[-1]
+                )[self.order]
             ordered.append((weight, offset))
         return ordered
 

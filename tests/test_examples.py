@@ -1,0 +1,43 @@
+"""Every example runs end to end at a few steps: a table row per guide and a plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+@pytest.mark.parametrize(
+    "name, rows_key, expected",
+    [
+        ("stochastic_volatility", "guide", "GUIDES"),
+        ("local_level", "method", "GUIDES"),
+        ("vae_ar_prior", "model", "MODELS"),
+    ],
+)
+def test_example_runs_and_reports(name, rows_key, expected, tmp_path):
+    example = load(name)
+    rows = example.main(["--steps", "15", "--seed", "1", "--out", str(tmp_path)])
+    names = [row[rows_key] for row in rows]
+    assert set(getattr(example, expected)) <= set(names)
+    assert len(names) == len(set(names))
+    table = (tmp_path / f"{name}.md").read_text()
+    for row_name in names:
+        assert f"| {row_name}" in table
+    png = tmp_path / f"{name}.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
