@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
@@ -87,23 +89,31 @@ def print_table(title: str, rows: list[dict[str, Any]], out: Path, name: str) ->
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
 
 
-def comparison_guides(model: Callable) -> dict[str, Callable[[], Any]]:
+def comparison_guides(
+    model: Callable, init_loc_fn: Callable = init_to_median
+) -> dict[str, Callable[[], Any]]:
     """The guides the latent time-series examples compare: mean field, full-rank Gaussian,
-    Pyro's IAF guide, and ours with a masked and with an LSTM conditioner (same widths)."""
+    Pyro's IAF guide, and ours with a masked and with an LSTM conditioner (same widths).
+
+    All start from ``init_loc_fn`` but Pyro's ``AutoIAFNormal``, which ignores it (it starts
+    at N(0, I) in the unconstrained space).
+    """
     return {
-        "AutoNormal": lambda: AutoNormal(model),
-        "AutoMultivariateNormal": lambda: AutoMultivariateNormal(model),
+        "AutoNormal": lambda: AutoNormal(model, init_loc_fn=init_loc_fn),
+        "AutoMultivariateNormal": lambda: AutoMultivariateNormal(model, init_loc_fn=init_loc_fn),
         "Pyro AutoIAFNormal": lambda: AutoIAFNormal(model, hidden_dim=[256], num_transforms=2),
         "AutoARFlow('iaf')": lambda: af.AutoARFlow(
-            model, flow="iaf", num_flows=2, hidden_dims=[256]
+            model, flow="iaf", num_flows=2, hidden_dims=[256], init_loc_fn=init_loc_fn
         ),
         "AutoARFlow('iaf-lstm')": lambda: af.AutoARFlow(
-            model, flow="iaf-lstm", num_flows=2, hidden_size=32
+            model, flow="iaf-lstm", num_flows=2, hidden_size=32, init_loc_fn=init_loc_fn
         ),
     }
 

@@ -73,7 +73,7 @@ GUIDES = comparison_guides(model)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_args(__doc__.splitlines()[0], default_steps=2000, argv=argv)
+    args = parse_args(__doc__.splitlines()[0], default_steps=1500, argv=argv)
     true_log_vol, returns = simulate()
     rows, bands = [], {}
     for name, make_guide in GUIDES.items():
@@ -111,19 +111,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 def plot(true_log_vol, returns, bands, path) -> None:
-    time = torch.arange(NUM_RETURNS)
+    time = torch.arange(NUM_RETURNS).numpy()
+
+    def volatility(log_vol: torch.Tensor):
+        return torch.exp(log_vol / 2).numpy()
+
     figure, axes = plt.subplots(
         len(bands) + 1, 1, figsize=(10, 2.2 * (len(bands) + 1)), sharex=True
     )
-    axes[0].plot(time, returns, color="0.4", linewidth=0.8)
+    axes[0].plot(time, returns.numpy(), color="0.4", linewidth=0.8)
     axes[0].set_ylabel("return")
     axes[0].set_title("Simulated returns and each guide's 90% volatility band against the truth")
     for axis, (name, (low, median, high)) in zip(axes[1:], bands.items(), strict=True):
-        axis.fill_between(
-            time, torch.exp(low / 2), torch.exp(high / 2), alpha=0.35, label="90% band"
-        )
-        axis.plot(time, torch.exp(median / 2), linewidth=1.0, label="median")
-        axis.plot(time, torch.exp(true_log_vol / 2), color="black", linewidth=1.0, label="truth")
+        axis.fill_between(time, volatility(low), volatility(high), alpha=0.35, label="90% band")
+        axis.plot(time, volatility(median), linewidth=1.0, label="median")
+        axis.plot(time, volatility(true_log_vol), color="black", linewidth=1.0, label="truth")
         axis.set_ylabel("volatility")
         axis.set_title(name, fontsize=9, loc="left")
     axes[1].legend(loc="upper right", fontsize=8, ncol=3)

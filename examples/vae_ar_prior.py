@@ -170,7 +170,7 @@ def plot(samples: dict[str, torch.Tensor], path) -> None:
     figure, axes = plt.subplots(1, len(samples), figsize=(6 * len(samples), 3.4))
     for axis, (name, images) in zip(axes, samples.items(), strict=True):
         mosaic = images.reshape(4, 12, 8, 8).permute(0, 2, 1, 3).reshape(32, 96)
-        axis.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1)
+        axis.imshow(mosaic.numpy(), cmap="gray_r", vmin=0, vmax=1)
         axis.set_title(f"{name}: decoded prior samples", fontsize=10)
         axis.axis("off")
     save_figure(figure, path)

@@ -83,7 +83,7 @@ class AutoARFlow(AutoContinuous):
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
-        init_loc = self._init_loc()
+        init_loc = self._init_loc()  # a fresh tensor (concatenated), never the user's
         self.flow = build_flow(
             self._flow_name, self.latent_dim, self._num_flows, **self._flow_kwargs
         ).to(dtype=init_loc.dtype, device=init_loc.device)

@@ -17,7 +17,7 @@ from pyro.infer import (
     Trace_ELBO,
     TraceGraph_ELBO,
 )
-from pyro.infer.autoguide import AutoNormal, init_to_sample
+from pyro.infer.autoguide import AutoNormal, init_to_sample, init_to_value
 from pyro.optim import Adam, ClippedAdam
 
 import pyro_arflow as af
@@ -192,6 +192,19 @@ def test_step_zero_equals_autonormal_started_at_the_same_point():
     constrained = dict(guide._constrain(init_loc))
     for name, value in guide.median(data).items():
         torch.testing.assert_close(value, constrained[name], atol=1e-6, rtol=0)
+
+
+def test_init_to_value_tensors_are_copied_not_trained_in_place():
+    data = torch.tensor([1.0, -0.5, 2.0])
+    start = torch.tensor([0.5, 0.5, 0.5])
+    guide = af.AutoARFlow(
+        shapes_model, hidden_dims=[8], init_loc_fn=init_to_value(values={"locs": start})
+    )
+    svi = SVI(shapes_model, guide, Adam({"lr": 0.1}), Trace_ELBO())
+    for _ in range(5):
+        svi.step(data)
+    assert torch.equal(start, torch.tensor([0.5, 0.5, 0.5]))
+    assert not torch.allclose(guide.median(data)["locs"], start)  # the guide itself did move
 
 
 def test_checkpoints_round_trip(tmp_path):
