@@ -21,7 +21,7 @@ from torch import Size, Tensor
 from .conditioners import Conditioner
 from .scales import ScaleMap
 from .scales import scale_map as resolve_scale_map
-from .transforms import MAF, ConditionalMAF
+from .transforms import MAF, ConditionalMAF, ConditionedAffineAutoregressive
 
 __all__ = ["GaussianAutoregressive"]
 
@@ -84,12 +84,7 @@ class GaussianAutoregressive(TorchDistribution):
         z = torch.randn(
             self._extended_shape(sample_shape), dtype=template.dtype, device=template.device
         )
-
-        def solve(loc: Tensor, raw_scale: Tensor, noise: Tensor) -> Tensor:
-            return loc + self.scale_map(raw_scale)[0] * noise
-
-        x, _, _ = self.conditioner.recur(z, solve, self.context)
-        return x
+        return self._maf_layer()(z)  # x_i = mu_i + sigma_i z_i, solved in order
 
     def as_flow(self) -> TransformedDistribution:
         """The same density as a standard normal pushed through a MAF layer sharing the network."""
@@ -99,11 +94,13 @@ class GaussianAutoregressive(TorchDistribution):
             .expand(self.batch_shape + self.event_shape)
             .to_event(1)
         )
+        return TransformedDistribution(base, [self._maf_layer()])
+
+    def _maf_layer(self) -> MAF | ConditionedAffineAutoregressive:
+        """A MAF layer sharing the conditioner (bound to the context, if any)."""
         if self.context is None:
-            layer = MAF(self.conditioner, self.scale_map)
-        else:
-            layer = ConditionalMAF(self.conditioner, self.scale_map).condition(self.context)
-        return TransformedDistribution(base, [layer])
+            return MAF(self.conditioner, self.scale_map)
+        return ConditionalMAF(self.conditioner, self.scale_map).condition(self.context)
 
     def expand(self, batch_shape: Size, _instance=None) -> GaussianAutoregressive:
         new = self._get_checked_instance(GaussianAutoregressive, _instance)

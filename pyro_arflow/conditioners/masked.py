@@ -165,9 +165,7 @@ class MaskedConditioner(Conditioner):
                     offset = torch.addmm(offset, context_weight, context.t())
             if index == len(layers) - 1:
                 weight = torch.stack([weight[:dim], weight[dim:]], 1)[self.order]
-                offset = torch.stack([offset[:dim], offset[dim:]], 1).expand(
-                    -1, -1, offset.shape[-1]
-                )[self.order]
+                offset = torch.stack([offset[:dim], offset[dim:]], 1)[self.order]
             ordered.append((weight, offset))
         return ordered
 
