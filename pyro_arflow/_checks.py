@@ -7,6 +7,8 @@ and stays out of JIT traces.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.distributions.util import is_validation_enabled
 from torch import Tensor
@@ -28,7 +30,7 @@ def all_finite(value: Tensor) -> bool:
     A nan or inf entry makes the sum nan or inf, so a finite sum proves all entries finite;
     only a non-finite sum (bad entries, or finite ones overflowing) needs the full check.
     """
-    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+    return math.isfinite(value.sum().item()) or bool(torch.isfinite(value).all())
 
 
 def check_context(context: Tensor | None, context_dim: int | None) -> None:

@@ -37,9 +37,11 @@ class ScaleMap(nn.Module):
 
 
 class SoftplusScale(ScaleMap):
-    r"""``scale = min_scale + softplus(raw + shift)``, with ``shift`` chosen so ``scale(0) = 1``.
+    r"""``scale = min_scale + softplus(beta * raw) / beta``, with ``scale(0) = 1``.
 
-    Grows linearly for large ``raw`` (no overflow) and never falls below ``min_scale``.
+    That fixes :math:`\beta = \log 2 / (1 - \text{min\_scale})`. Grows linearly, with slope 1,
+    for large ``raw`` (no overflow) and never falls below ``min_scale``. Making ``scale(0) = 1``
+    through ``beta``, rather than by shifting ``raw``, keeps the map at three elementwise ops.
 
     Arguments:
         min_scale: the floor of the scale, > 0 and < 1.
@@ -50,15 +52,15 @@ class SoftplusScale(ScaleMap):
         if not 0.0 < min_scale < 1.0:
             raise ValueError(f"min_scale must lie in (0, 1), got {min_scale}")
         self.min_scale = min_scale
-        self.shift = math.log(math.expm1(1.0 - min_scale))
+        self.beta = math.log(2.0) / (1.0 - min_scale)
 
     def forward(self, raw: Tensor) -> tuple[Tensor, Tensor]:
-        scale = self.min_scale + F.softplus(raw + self.shift)
+        scale = self.min_scale + F.softplus(raw, beta=self.beta)
         return scale, scale.log()
 
     def raw_for(self, scale: Tensor) -> Tensor:
         excess = torch.as_tensor(scale) - self.min_scale
-        return excess + torch.log(-torch.expm1(-excess)) - self.shift
+        return excess + torch.log(-torch.expm1(-self.beta * excess)) / self.beta
 
     def extra_repr(self) -> str:
         return f"min_scale={self.min_scale}"

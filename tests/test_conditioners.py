@@ -6,8 +6,14 @@ import pytest
 import torch
 from conftest import CONTEXT_DIM, perturb
 
-from pyro_arflow.conditioners import LSTMConditioner, MaskedConditioner, make_conditioner
+from pyro_arflow.conditioners import (
+    LSTMConditioner,
+    MaskedConditioner,
+    MaskedLinear,
+    make_conditioner,
+)
 from pyro_arflow.conditioners.base import resolve_order
+from pyro_arflow.conditioners.lstm import FORWARD_WINDOW
 
 
 def push(loc, raw, z):
@@ -58,13 +64,17 @@ def test_outputs_depend_only_on_earlier_positions():
         assert torch.all(reach[~not_before] > 0)  # every earlier position is read
 
 
-def test_lstm_runs_once_forward_and_one_cell_step_per_position_recurring(monkeypatch):
-    dim, layers = 50, 2
+def test_lstm_runs_each_step_once_forward_and_one_cell_step_per_position_recurring(monkeypatch):
+    dim, layers = 150, 2
     conditioner = perturb(LSTMConditioner(dim, hidden_size=8, num_layers=layers))
     calls = []
     conditioner.lstm.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     conditioner(torch.randn(4, dim))
-    assert calls == [dim]  # one call over the whole shifted sequence
+    assert calls == [
+        FORWARD_WINDOW,
+        FORWARD_WINDOW,
+        dim - 2 * FORWARD_WINDOW,
+    ]  # windows, no re-runs
     calls.clear()
     cell_steps = []
     lstm_cell = torch.lstm_cell
@@ -74,10 +84,69 @@ def test_lstm_runs_once_forward_and_one_cell_step_per_position_recurring(monkeyp
     assert len(cell_steps) == dim * layers  # one fused cell call per layer and position
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_lstm_forward_in_windows_equals_one_call_over_the_sequence(num_layers):
+    dim = 2 * FORWARD_WINDOW + 7
+    conditioner = perturb(
+        LSTMConditioner(dim, hidden_size=8, num_layers=num_layers, context_dim=CONTEXT_DIM)
+    ).double()
+    u = torch.randn(3, dim, dtype=torch.float64)
+    context = torch.randn(3, CONTEXT_DIM, dtype=torch.float64)
+    loc, raw = conditioner(u, context)
+    # the whole shifted sequence through nn.LSTM at once, then the head, in position order
+    shifted = torch.cat([conditioner.start_value.expand(1, 3), u.t()[:-1]])
+    steps = conditioner._steps_input(shifted, context)
+    hidden, _ = conditioner.lstm(steps, conditioner._start_state(3))
+    expected = (conditioner.head(hidden) + conditioner.position_bias).permute(1, 2, 0)
+    torch.testing.assert_close(loc, expected[:, 0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(raw, expected[:, 1], atol=1e-12, rtol=0)
+
+
 def test_lstm_first_position_reads_the_learned_start():
     conditioner = perturb(LSTMConditioner(1, hidden_size=4))
     loc, raw = conditioner(torch.randn(3, 1))
     assert torch.all(loc == loc[0]) and loc.abs().sum() > 0  # same for all inputs, learned
+
+
+def test_masked_linear_is_a_masked_affine_map_in_one_parameter():
+    torch.manual_seed(0)
+    mask = (torch.rand(5, 4) > 0.5).double()
+    layer = MaskedLinear(mask).double()
+    assert [name for name, _ in layer.named_parameters()] == ["affine"]
+    assert layer.weight.shape == (5, 4) and layer.bias.shape == (5,)
+    assert layer.weight.data_ptr() == layer.affine.data_ptr()  # views, not copies
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = x @ (layer.weight * mask).t() + layer.bias
+    torch.testing.assert_close(layer(x), expected, atol=1e-14, rtol=0)
+    (layer(x) ** 2).sum().backward()
+    weight_grad = layer.affine.grad[:-1].t()
+    assert torch.all(weight_grad[mask == 0] == 0)  # masked weights never move
+    assert torch.all(weight_grad[mask == 1] != 0) and torch.all(layer.affine.grad[-1] != 0)
+    bound = 4**-0.5  # nn.Linear's initialization
+    assert 0 < layer.affine.abs().max() <= bound
+
+
+def test_masked_conditioner_registers_one_tensor_per_layer():
+    conditioner = MaskedConditioner(4, [8, 8], context_dim=2)
+    names = [name for name, _ in conditioner.named_parameters()]
+    assert names == ["hidden.0.affine", "hidden.1.affine", "output.affine"]
+
+
+@pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.ELU, torch.nn.SiLU])
+def test_activation_classes_run_in_place_with_the_same_values_and_gradients(activation):
+    in_place = perturb(MaskedConditioner(5, [16, 16], activation=activation).double())
+    assert in_place.activation.inplace
+    out_of_place = MaskedConditioner(5, [16, 16], activation=activation()).double()
+    out_of_place.load_state_dict(in_place.state_dict())
+    assert not out_of_place.activation.inplace
+    u = torch.randn(7, 5, dtype=torch.float64)
+    outputs = []
+    for conditioner in (in_place, out_of_place):
+        loc, raw = conditioner(u)
+        (loc.square().sum() + raw.sin().sum()).backward()
+        outputs.append([loc, raw] + [p.grad for p in conditioner.parameters()])
+    for a, b in zip(*outputs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
 def test_orderings():

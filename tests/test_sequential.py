@@ -44,8 +44,10 @@ def test_incremental_equals_d_passes_on_random_layers(kwargs, dtype, tol):
     context = torch.randn(6, CONTEXT_DIM, dtype=dtype) if "context_dim" in kwargs else None
     w = torch.randn(6, dim, dtype=dtype)
     fast, reference = both_ways(conditioner, w, push, context)
+    # random residual stacks reach values near 100, where float32 resolves only ~1e-5: the
+    # tolerance is relative there, absolute for values below 1
     for a, b in zip(fast, reference, strict=True):
-        torch.testing.assert_close(a, b, atol=tol, rtol=0)
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
