@@ -10,10 +10,10 @@ from pyro_arflow.conditioners import (
     LSTMConditioner,
     MaskedConditioner,
     MaskedLinear,
+    lstm,
     make_conditioner,
 )
 from pyro_arflow.conditioners.base import resolve_order
-from pyro_arflow.conditioners.lstm import FORWARD_WINDOW
 
 
 def push(loc, raw, z):
@@ -70,11 +70,11 @@ def test_lstm_runs_each_step_once_forward_and_one_cell_step_per_position_recurri
     calls = []
     conditioner.lstm.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     conditioner(torch.randn(4, dim))
-    assert calls == [
-        FORWARD_WINDOW,
-        FORWARD_WINDOW,
-        dim - 2 * FORWARD_WINDOW,
-    ]  # windows, no re-runs
+    assert calls == [dim]  # the gate buffers fit the budget: one call over the sequence
+    calls.clear()
+    monkeypatch.setattr(lstm, "FORWARD_GATE_BUDGET", 64 * 4 * 4 * 8)  # 64 steps of batch 4
+    conditioner(torch.randn(4, dim))
+    assert calls == [64, 64, dim - 128]  # windows, no step run twice
     calls.clear()
     cell_steps = []
     lstm_cell = torch.lstm_cell
@@ -85,8 +85,9 @@ def test_lstm_runs_each_step_once_forward_and_one_cell_step_per_position_recurri
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_lstm_forward_in_windows_equals_one_call_over_the_sequence(num_layers):
-    dim = 2 * FORWARD_WINDOW + 7
+def test_lstm_forward_in_windows_equals_one_call_over_the_sequence(num_layers, monkeypatch):
+    monkeypatch.setattr(lstm, "FORWARD_GATE_BUDGET", 10 * 3 * 4 * 8)  # windows of 10 steps
+    dim = 37
     conditioner = perturb(
         LSTMConditioner(dim, hidden_size=8, num_layers=num_layers, context_dim=CONTEXT_DIM)
     ).double()

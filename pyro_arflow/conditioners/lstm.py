@@ -3,12 +3,13 @@ r"""The LSTM conditioner: :math:`h_t = \mathrm{LSTM}(h_{t-1}, u_{t-1})`,
 
 Position 0 reads a learned start value from a learned initial state, so its conditional is
 well defined (an empty prefix). ``forward`` runs the LSTM over the shifted sequence
-:math:`(s, u_0, \dots, u_{D-2})` in windows of ``FORWARD_WINDOW`` steps, carrying the state
-from one window to the next: the same result as one call, with the LSTM's per-step gate
-buffers bounded by the window instead of growing with :math:`D` (at :math:`D = 4096`, batch
-256, hidden 64, one call would allocate 1 GiB of them). ``recur`` steps the same weights once
-per position with the state carried (one fused ``lstm_cell`` call per layer and step),
-feeding each solved value back in. Both cost :math:`O(D)` LSTM steps.
+:math:`(s, u_0, \dots, u_{D-2})`, in one call when its gate buffers (steps x batch x 4 x
+hidden) fit in ``FORWARD_GATE_BUDGET`` entries, otherwise in windows of steps that do, the
+state carried from one window to the next: the same result, without a buffer growing with
+:math:`D` times the batch (at :math:`D = 4096`, batch 256, hidden 64, one call would allocate
+1 GiB of them; windows of 64 steps there are also faster on CPU). ``recur`` steps the same
+weights once per position with the state carried (one fused ``lstm_cell`` call per layer and
+step), feeding each solved value back in. Both cost :math:`O(D)` LSTM steps.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from torch import Tensor, nn
 
 from .base import Conditioner, Ordering, Solve
 
-__all__ = ["FORWARD_WINDOW", "LSTMConditioner"]
+__all__ = ["FORWARD_GATE_BUDGET", "LSTMConditioner"]
 
-FORWARD_WINDOW = 64
-"""Steps per LSTM call in ``forward``; the fastest of 64, 128, 256 and all of D on CPU."""
+FORWARD_GATE_BUDGET = 2**22
+"""Most LSTM gate entries one ``forward`` call may hold (16 MiB in float32)."""
 
 
 class LSTMConditioner(Conditioner):
@@ -90,7 +91,8 @@ class LSTMConditioner(Conditioner):
         shifted = torch.cat([start, ordered[:-1]], dim=0)
         state = self._start_state(batch)
         params = []
-        for window in self._steps_input(shifted, context).split(FORWARD_WINDOW):
+        steps_per_call = max(1, FORWARD_GATE_BUDGET // (batch * 4 * self.hidden_size))
+        for window in self._steps_input(shifted, context).split(steps_per_call):
             hidden, state = self.lstm(window, state)
             params.append(self.head(hidden))
         return self._unorder(torch.cat(params) + self.position_bias)
