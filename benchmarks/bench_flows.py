@@ -26,13 +26,12 @@ import argparse
 import copy
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
 import zuko
+from _timing import interleaved_medians
 from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
 from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
@@ -45,21 +44,6 @@ DIM, HIDDEN, BATCH = 64, [256, 256], 4096
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return interleaved_medians({"": fn}, repeats)[""]
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median ms of each function, the functions taking turns so machine drift hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for round_ in range(repeats):
-        rotation = round_ % len(names)  # nobody always runs right after the same method
-        for name in names[rotation:] + names[:rotation]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(ts) for name, ts in times.items()}
 
 
 def ar1_samples(n: int, coefficient: float = 0.9) -> torch.Tensor:

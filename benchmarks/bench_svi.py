@@ -1,4 +1,4 @@
-"""Seconds per SVI step (Trace_ELBO, one particle) of flow guides against Pyro's.
+"""Time per SVI step (Trace_ELBO, one particle) of flow guides against Pyro's.
 
     python benchmarks/bench_svi.py
 
@@ -15,13 +15,13 @@ nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
+from functools import partial
 
 import pyro
 import pyro.distributions as dist
 import torch
+from _timing import interleaved_medians
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoLowRankMultivariateNormal, AutoNormal
 from pyro.optim import Adam
@@ -43,34 +43,28 @@ def local_level(series: torch.Tensor) -> None:
     pyro.sample("obs", dist.Normal(level, noise_scale.unsqueeze(-1)).to_event(1), obs=series)
 
 
-def seconds_per_step(
+def ms_per_step(
     model: Callable, guides: dict[str, Callable[[], object]], data: tuple, steps: int
 ) -> dict[str, float]:
-    """Median seconds of one SVI step for each guide, the guides stepping in turn.
+    """Median ms of one SVI step for each guide, the guides stepping in turn.
 
     Each autoguide class names its own parameters, so they share one param store.
     """
     pyro.clear_param_store()
-    svis = {}
-    for name, make_guide in guides.items():
-        svis[name] = SVI(model, make_guide(), Adam({"lr": 1e-3}), Trace_ELBO())
-        svis[name].step(*data)  # builds the guide
-    times: dict[str, list[float]] = {name: [] for name in guides}
-    names = list(svis)
-    for round_ in range(steps):
-        rotation = round_ % len(names)  # nobody always runs right after the same guide
-        for name in names[rotation:] + names[:rotation]:
-            start = time.perf_counter()
-            svis[name].step(*data)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    svis = {
+        name: SVI(model, make_guide(), Adam({"lr": 1e-3}), Trace_ELBO())
+        for name, make_guide in guides.items()
+    }
+    return interleaved_medians(
+        {name: partial(svi.step, *data) for name, svi in svis.items()}, steps
+    )
 
 
 def report(title: str, results: dict[str, float], reference: str) -> None:
     print(f"\n{title}")
     print(f"{'guide':44s} {'ms/step':>9s} {'x ' + reference:>20s}")
-    for name, seconds in results.items():
-        print(f"{name:44s} {1000 * seconds:9.2f} {seconds / results[reference]:20.2f}")
+    for name, ms in results.items():
+        print(f"{name:44s} {ms:9.2f} {ms / results[reference]:20.2f}")
 
 
 def main() -> None:
@@ -85,7 +79,7 @@ def main() -> None:
     features = torch.randn(1000, 100)
     labels = torch.bernoulli(torch.sigmoid(features @ (0.3 * torch.randn(100))))
     hidden = [args.hidden, args.hidden]
-    results = seconds_per_step(
+    results = ms_per_step(
         logistic_regression,
         {
             "AutoNormal (floor)": lambda: AutoNormal(logistic_regression),
@@ -106,7 +100,7 @@ def main() -> None:
     )
 
     series = (0.1 * torch.randn(2000)).cumsum(0) + 0.5 * torch.randn(2000)
-    results = seconds_per_step(
+    results = ms_per_step(
         local_level,
         {
             "AutoNormal": lambda: AutoNormal(local_level),

@@ -97,6 +97,7 @@ def hidden_degrees(input_dim: int, width: int) -> Tensor:
 
 
 def _build_activation(activation: type[nn.Module] | nn.Module) -> nn.Module:
+    """An instance passes through; a class is built, in place when it can be."""
     if not isinstance(activation, type):
         return activation
     if "inplace" in inspect.signature(activation).parameters:
