@@ -18,7 +18,7 @@ from .transforms import (
     maf,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "IAF",

@@ -19,6 +19,8 @@ from pyro.infer import Predictive
 from pyro.infer.importance import psis_diagnostic
 from pyro.poutine.util import site_is_subsample
 
+from ._checks import check_positive_int
+
 if TYPE_CHECKING:
     import arviz as az
 
@@ -44,7 +46,7 @@ def psis_khat(
             ``num_particles``); default all at once.
         max_plate_nesting: bound on the plates nested in the model.
     """
-    if not (isinstance(num_particles, int) and num_particles >= 2):
+    if check_positive_int(num_particles, "num_particles") < 2:
         raise ValueError(f"num_particles must be an int >= 2, got {num_particles!r}")
     with torch.no_grad():
         khat = psis_diagnostic(
@@ -90,8 +92,7 @@ def to_inference_data(
     """
     import arviz as az  # imported here: it is slow to import and only this function needs it
 
-    if not (isinstance(num_samples, int) and num_samples >= 1):
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_positive_int(num_samples, "num_samples")
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(

@@ -19,8 +19,7 @@ from pyro.distributions import Normal, TorchDistribution, TransformedDistributio
 from torch import Size, Tensor
 
 from .conditioners import Conditioner
-from .scales import ScaleMap
-from .scales import scale_map as resolve_scale_map
+from .scales import ScaleMap, make_scale_map
 from .transforms import MAF, ConditionalMAF, ConditionedAffineAutoregressive
 
 __all__ = ["GaussianAutoregressive"]
@@ -66,7 +65,7 @@ class GaussianAutoregressive(TorchDistribution):
             )
         self.conditioner = conditioner
         self.context = context
-        self.scale_map = resolve_scale_map(scale_map)
+        self.scale_map = make_scale_map(scale_map)
         batch_shape = Size() if context is None else context.shape[:-1]
         super().__init__(batch_shape, Size([conditioner.input_dim]), validate_args)
 

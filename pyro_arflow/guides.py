@@ -14,6 +14,7 @@ buys (Kingma et al. 2016 use IAF guides this way).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pyro.distributions as dist
@@ -26,8 +27,9 @@ from pyro.nn import PyroParam
 from torch import Tensor
 from torch.distributions import biject_to
 
-from ._params import synced_child
-from .registry import build_flow, get_flow
+from ._checks import check_finite, check_positive_int
+from ._params import module_context, store_name, synced_child
+from .registry import build_flow
 
 __all__ = ["AutoARFlow"]
 
@@ -43,9 +45,16 @@ class AutoARFlow(AutoContinuous):
         num_flows: number of flow layers.
         init_loc_fn: per-site initialization, as for every Pyro autoguide; unlike Pyro's
             ``AutoIAFNormal`` it is honoured.
-        init_scale: initial scale of every unconstrained coordinate, > 0.
+        init_scale: initial scale of every unconstrained coordinate, finite and > 0.
         flow_kwargs: passed to :func:`~pyro_arflow.build_flow` (``hidden_dims``,
-            ``hidden_size``, ``permutation``, ...).
+            ``hidden_size``, ``permutation``, ...). They are checked at construction, on a
+            two-dimensional stand-in of the flow; the flow itself is built at the guide's first
+            call, when the size of the latent vector is known.
+
+    Like every Pyro autoguide, its parameters live in Pyro's param store under its class
+    name (``AutoARFlow.loc``, ``AutoARFlow.flow$$$...``): two ``AutoARFlow`` guides in one
+    process share them, and one fitted to a model of another size raises ``ValueError``
+    naming the clashing parameter. Call ``pyro.clear_param_store()`` between fits.
 
     Example::
 
@@ -70,11 +79,17 @@ class AutoARFlow(AutoContinuous):
         init_scale: float = 0.1,
         **flow_kwargs: Any,
     ) -> None:
-        get_flow(flow)  # fail now on an unknown name, not at the first step
-        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)):
             raise ValueError(f"init_scale must be a number > 0, got {init_scale!r}")
-        if not (isinstance(num_flows, int) and num_flows >= 1):
-            raise ValueError(f"num_flows must be a positive int, got {num_flows!r}")
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
+        check_positive_int(num_flows, "num_flows")
+        if "context_dim" in flow_kwargs:
+            raise ValueError(
+                "AutoARFlow is a guide over a model's global latents and takes no context_dim; "
+                "for amortized (per-data-point) guides use af.conditional_iaf inside your guide"
+            )
+        build_flow(flow, 2, num_flows, **flow_kwargs)  # fail now, not at the first step
         self._flow_name = flow
         self._num_flows = num_flows
         self._init_scale = float(init_scale)
@@ -97,16 +112,32 @@ class AutoARFlow(AutoContinuous):
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def _parts(self) -> list[torch.distributions.Transform]:
-        """Flow layers then the affine map, each cached: scoring the guide's own sample walks
-        back through the caches instead of running an IAF's sequential inverse."""
-        affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
-        return [*synced_child(self, "flow").parts, affine]
+        """The flow (its layers cached) then the cached affine map: scoring the guide's own
+        sample walks back through the caches instead of running an IAF's sequential inverse."""
+        loc, scale = self.loc, self.scale
+        for name, value in (("loc", loc), ("scale", scale)):
+            if value.shape != (self.latent_dim,):
+                raise ValueError(
+                    f"Pyro's param store holds {store_name(self, name)!r} with shape "
+                    f"{tuple(value.shape)}, but this guide's latent vector has "
+                    f"{self.latent_dim} entries: autoguides of one class share their "
+                    "parameters by name. pyro.clear_param_store() before fitting another model"
+                )
+            check_finite(
+                value,
+                lambda name=name: (
+                    f"AutoARFlow's {name} is not finite: training has diverged. "
+                    "Lower the learning rate or clip the gradients, e.g. "
+                    "pyro.optim.ClippedAdam({'lr': 1e-3, 'clip_norm': 10.0})"
+                ),
+            )
+        flow = synced_child(self, "flow")
+        return [flow, AffineTransform(loc, scale, event_dim=1, cache_size=1)]
 
     def get_transform(self, *args: Any, **kwargs: Any) -> torch.distributions.Transform:
-        return torch.distributions.ComposeTransform(self._parts(), cache_size=1)
+        return torch.distributions.ComposeTransform(self._parts())
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
-        # A flat list: nested compositions recompute their domains on every call.
         return dist.TransformedDistribution(self.get_base_dist(), self._parts())
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
@@ -119,11 +150,14 @@ class AutoARFlow(AutoContinuous):
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """The image of the base median :math:`z = 0`, per site, in constrained space.
 
-        Before training (flow = identity) this is ``init_loc_fn``'s point.
+        Works before the first guide call (flow = identity: ``init_loc_fn``'s point) and reads
+        Pyro's param store, so it reflects a store just loaded with ``ParamStore.load``.
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        return self._constrain(self.get_transform()(torch.zeros_like(self.loc)))
+        with module_context(self):
+            transform = self.get_transform()
+            return self._constrain(transform(torch.zeros_like(self.loc)))
 
     @torch.no_grad()
     def quantiles(
@@ -138,16 +172,21 @@ class AutoARFlow(AutoContinuous):
 
         The draws use their own seeded generator, so repeated calls agree and the global
         random state is left alone. Returns a dict of tensors of shape
-        ``(len(quantiles),) + site_shape``.
+        ``(len(quantiles),) + site_shape``. Like :meth:`median`, it works before the first
+        guide call and reads the param store.
         """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        levels = torch.as_tensor(quantiles, dtype=self.loc.dtype).reshape(-1)
+        check_positive_int(num_samples, "num_samples")
+        levels = torch.as_tensor(quantiles, dtype=torch.float64).reshape(-1)
         if not bool(((levels > 0) & (levels < 1)).all()):
             raise ValueError(f"quantiles must lie in (0, 1), got {levels.tolist()}")
-        generator = torch.Generator().manual_seed(seed)
-        z = torch.randn(num_samples, self.latent_dim, generator=generator, dtype=self.loc.dtype)
-        latent = self.get_transform()(z.to(self.loc.device))
-        marginal = torch.quantile(latent, levels.to(latent.device), dim=0)
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        with module_context(self):
+            transform = self.get_transform()
+            loc = self.loc
+            generator = torch.Generator().manual_seed(seed)
+            z = torch.randn(num_samples, self.latent_dim, generator=generator, dtype=loc.dtype)
+            latent = transform(z.to(loc.device))
+        marginal = torch.quantile(latent, levels.to(latent), dim=0)
         per_level = [self._constrain(row) for row in marginal]
         return {name: torch.stack([row[name] for row in per_level]) for name in per_level[0]}

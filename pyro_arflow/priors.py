@@ -12,6 +12,7 @@ sample (the guide's): MAF scores in one pass; IAF would need the sequential solv
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pyro.distributions as dist
@@ -34,6 +35,12 @@ class FlowPrior(PyroModule):
         flow: a registered flow name; ``"maf"`` (default) or ``"maf-lstm"`` score in one pass.
         num_flows: number of flow layers.
         context_dim: size of a context vector for a conditional prior, or ``None``.
+        name: the name of this prior's parameters in Pyro's param store. Two priors share
+            parameters exactly when they have the same name, so leave it out for independent
+            priors (each gets a fresh name: ``FlowPrior``, ``FlowPrior_1``, ... in creation
+            order) and give one to share, or to reload a param store saved by another run. As
+            for every PyroModule, a prior that is an attribute of another PyroModule is named by
+            its path there instead.
         flow_kwargs: passed to :func:`~pyro_arflow.build_flow`.
 
     Example::
@@ -56,9 +63,13 @@ class FlowPrior(PyroModule):
         flow: str = "maf",
         num_flows: int = 2,
         context_dim: int | None = None,
+        *,
+        name: str | None = None,
         **flow_kwargs: Any,
     ) -> None:
-        super().__init__()
+        if name is not None and (not isinstance(name, str) or not name or "$$$" in name):
+            raise ValueError(f"name must be a non-empty string without '$$$', got {name!r}")
+        super().__init__(name=_fresh_name() if name is None else name)
         self.input_dim = input_dim
         self.context_dim = context_dim
         self.flow = build_flow(flow, input_dim, num_flows, context_dim, **flow_kwargs)
@@ -66,10 +77,18 @@ class FlowPrior(PyroModule):
         self.register_buffer("_base_scale", torch.ones(input_dim))
 
     def forward(self, context: Tensor | None = None) -> dist.TransformedDistribution:
-        check_context(context, self.context_dim)
+        check_context(context, self.context_dim, self._base_loc)
         base = dist.Normal(self._base_loc, self._base_scale)
         flow = synced_child(self, "flow")
         if context is None:
             return dist.TransformedDistribution(base.to_event(1), [flow])
         base = base.expand(context.shape[:-1] + (self.input_dim,)).to_event(1)
         return dist.TransformedDistribution(base, [flow.condition(context)])
+
+
+_instances = itertools.count()
+
+
+def _fresh_name() -> str:
+    index = next(_instances)
+    return "FlowPrior" if index == 0 else f"FlowPrior_{index}"

@@ -1,9 +1,11 @@
 """Flows by name: ``register_flow``, ``get_flow``, ``available_flows``, ``build_flow``.
 
 A *flow factory* builds one layer: ``factory(input_dim, context_dim=None, **kwargs)`` returns a
-``TransformModule`` (``context_dim=None``) or a ``ConditionalTransformModule``. ``build_flow``
-stacks ``num_flows`` of them with a fixed permutation between consecutive layers, so each layer
-conditions on a different order of the variables.
+``Transform`` (a ``TransformModule`` to be trainable) when ``context_dim`` is ``None``, and a
+``ConditionalTransformModule`` (or a context-free ``Transform``) otherwise. ``build_flow``
+stacks ``num_flows`` of them, each conditioning on a different order of the variables: a
+factory that takes an ``ordering`` argument is handed each layer's order; between the layers
+of one that does not, ``build_flow`` puts a fixed :class:`~pyro_arflow.Permutation`.
 
 Built-in names: ``"iaf"`` and ``"maf"`` (masked conditioner), ``"iaf-lstm"`` and
 ``"maf-lstm"`` (LSTM conditioner). Other packages add flows through the ``pyro_arflow.flows``
@@ -13,16 +15,29 @@ looked up that is not registered yet; a plugin that fails to load gives a warnin
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
-import torch
-from pyro.distributions.conditional import ConditionalComposeTransformModule
+from pyro.distributions.conditional import (
+    ConditionalComposeTransformModule,
+    ConditionalTransform,
+)
 from pyro.distributions.torch_transform import ComposeTransformModule
+from torch.distributions import Transform
 
-from .transforms import Permutation, conditional_iaf, conditional_maf, iaf, maf
+from ._checks import check_keywords, check_positive_int
+from .conditioners import layer_orders, make_conditioner
+from .scales import ScaleMap
+from .transforms import (
+    IAF,
+    MAF,
+    ConditionalIAF,
+    ConditionalMAF,
+    Permutation,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -88,7 +103,7 @@ def get_flow(name: str) -> FlowFactory:
     """The factory registered as ``name``; ``ValueError`` listing the available names otherwise."""
     if name not in _FLOWS and not _plugins_loaded:
         _load_plugins()
-    if name not in _FLOWS:
+    if not isinstance(name, str) or name not in _FLOWS:
         raise ValueError(f"unknown flow {name!r}; available flows: {available_flows()}")
     return _FLOWS[name]
 
@@ -102,56 +117,92 @@ def build_flow(
     seed: int = 0,
     **kwargs: Any,
 ) -> ComposeTransformModule | ConditionalComposeTransformModule:
-    """Stack ``num_flows`` layers of the flow ``name`` with a permutation between consecutive ones.
+    """Stack ``num_flows`` layers of the flow ``name``, each in its own order of the variables.
 
     Arguments:
         name: a registered flow name (see :func:`available_flows`).
         input_dim: size of the vectors the flow acts on.
         num_flows: number of layers.
         context_dim: size of a context vector; if given, the result is conditional.
-        permutation: ``"reversed"`` or ``"random"`` (seeded by ``seed``); stored as buffers, so
-            it survives ``state_dict``.
-        seed: seed of the random permutations.
+        permutation: how consecutive layers' orders differ: ``"reversed"`` (each layer the
+            reverse of the one before) or ``"random"`` (seeded by ``seed``). The orders are
+            buffers, so they survive ``state_dict``.
+        seed: seed of the random orders.
         kwargs: passed to every layer's factory (``hidden_dims``, ``hidden_size``, ...).
+
+    Every part caches the pair it last computed, so a flow scoring its own sample walks back
+    through the caches rather than solving an IAF's sequential inverse; the composition itself
+    keeps no cache of its own (``copy.deepcopy`` and pickling of a used flow stay possible).
     """
     factory = get_flow(name)
-    if not (isinstance(input_dim, int) and input_dim >= 1):
-        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
-    if not (isinstance(num_flows, int) and num_flows >= 1):
-        raise ValueError(f"num_flows must be a positive int, got {num_flows!r}")
-    if permutation not in ("reversed", "random"):
-        raise ValueError(f"permutation must be 'reversed' or 'random', got {permutation!r}")
-    generator = torch.Generator().manual_seed(seed)
+    check_positive_int(input_dim, "input_dim")
+    check_positive_int(num_flows, "num_flows")
+    if context_dim is not None:
+        check_positive_int(context_dim, "context_dim")
+    if "ordering" in kwargs:
+        raise ValueError(
+            "build_flow gives every layer its own order; choose how they differ with "
+            "permutation='reversed' or 'random' (and seed), not ordering="
+        )
+    takes_ordering = "ordering" in inspect.signature(factory).parameters
+    check_keywords(factory, kwargs, f"the flow {name!r}", skip=1)
     parts: list[Any] = []
-    for index in range(num_flows):
-        if index > 0:
-            order = (
-                torch.arange(input_dim - 1, -1, -1)
-                if permutation == "reversed"
-                else torch.randperm(input_dim, generator=generator)
-            )
-            parts.append(Permutation(order))
-        parts.append(factory(input_dim, context_dim=context_dim, **kwargs))
-    # Cached, so a flow scoring its own sample walks back through the cache rather than
-    # solving an IAF's sequential inverse.
+    orders = layer_orders(input_dim, num_flows, permutation, seed)
+    for index, order in enumerate(orders):
+        if takes_ordering:
+            layer = factory(input_dim, context_dim=context_dim, ordering=order, **kwargs)
+        else:
+            if index > 0:  # coordinates arrive in the previous order; rearrange them into this one
+                parts.append(Permutation(orders[index - 1].argsort()[order]))
+            layer = factory(input_dim, context_dim=context_dim, **kwargs)
+        parts.append(_checked_layer(layer, name, context_dim))
     if context_dim is None:
-        return ComposeTransformModule(parts, cache_size=1)
-    return ConditionalComposeTransformModule(parts, cache_size=1)
+        return ComposeTransformModule(parts)
+    return ConditionalComposeTransformModule(parts)
 
 
-def _builtin(
-    plain: Callable[..., Any], conditional: Callable[..., Any], conditioner: str
-) -> FlowFactory:
-    def factory(input_dim: int, context_dim: int | None = None, **kwargs: Any) -> Any:
-        if context_dim is None:
-            return plain(input_dim, conditioner=conditioner, **kwargs)
-        return conditional(input_dim, context_dim, conditioner=conditioner, **kwargs)
+def _checked_layer(layer: Any, name: str, context_dim: int | None) -> Any:
+    kinds: tuple[type, ...] = (
+        (Transform,)
+        if context_dim is None
+        else (
+            Transform,
+            ConditionalTransform,
+        )
+    )
+    if not isinstance(layer, kinds):
+        expected = " or ".join(kind.__name__ for kind in kinds)
+        raise ValueError(
+            f"the factory of flow {name!r} returned {type(layer).__name__}, expected a {expected}"
+        )
+    return layer
 
-    factory.__doc__ = f"One {plain.__name__.upper()} layer with the {conditioner} conditioner."
+
+def _builtin(plain: type, conditional: type, conditioner: str) -> FlowFactory:
+    """The factory of one built-in layer kind with one conditioner."""
+
+    def factory(
+        input_dim: int,
+        context_dim: int | None = None,
+        ordering: Any = "natural",
+        scale_map: str | ScaleMap = "softplus",
+        **conditioner_kwargs: Any,
+    ) -> Any:
+        if "conditioner" in conditioner_kwargs:
+            raise ValueError(
+                f"the flow {plain.__name__.lower()}'s conditioner is fixed ({conditioner}); pick "
+                f"the flow by name instead: {available_flows()}"
+            )
+        network = make_conditioner(
+            conditioner, input_dim, context_dim, ordering=ordering, **conditioner_kwargs
+        )
+        return (plain if context_dim is None else conditional)(network, scale_map)
+
+    factory.__doc__ = f"One {plain.__name__} layer with the {conditioner} conditioner."
     return factory
 
 
-register_flow("iaf", _builtin(iaf, conditional_iaf, "masked"))
-register_flow("maf", _builtin(maf, conditional_maf, "masked"))
-register_flow("iaf-lstm", _builtin(iaf, conditional_iaf, "lstm"))
-register_flow("maf-lstm", _builtin(maf, conditional_maf, "lstm"))
+register_flow("iaf", _builtin(IAF, ConditionalIAF, "masked"))
+register_flow("maf", _builtin(MAF, ConditionalMAF, "masked"))
+register_flow("iaf-lstm", _builtin(IAF, ConditionalIAF, "lstm"))
+register_flow("maf-lstm", _builtin(MAF, ConditionalMAF, "lstm"))

@@ -20,7 +20,7 @@ __all__ = [
     "SoftplusScale",
     "SoftClipExpScale",
     "SigmoidScale",
-    "scale_map",
+    "make_scale_map",
     "SCALE_MAPS",
 ]
 
@@ -136,10 +136,10 @@ SCALE_MAPS: dict[str, type[ScaleMap]] = {
 }
 
 
-def scale_map(spec: str | ScaleMap = "softplus") -> ScaleMap:
+def make_scale_map(spec: str | ScaleMap = "softplus") -> ScaleMap:
     """The scale map named ``"softplus"``, ``"exp"`` or ``"sigmoid"``; instances pass through."""
     if isinstance(spec, ScaleMap):
         return spec
-    if spec not in SCALE_MAPS:
+    if not isinstance(spec, str) or spec not in SCALE_MAPS:
         raise ValueError(f"unknown scale map {spec!r}; expected one of {sorted(SCALE_MAPS)}")
     return SCALE_MAPS[spec]()

@@ -21,9 +21,10 @@ IAF: Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregres
 https://arxiv.org/abs/1606.04934. MAF: Papamakarios et al. 2017, "Masked Autoregressive Flow
 for Density Estimation", https://arxiv.org/abs/1705.07057.
 
-Each layer keeps the log-scales of the pair it just computed, so ``log_abs_det_jacobian``
-on that pair costs nothing; on any other pair it runs the network once (always the parallel
-direction, whichever layer it is).
+Every transform here computes a value together with its log-determinant and keeps one cache,
+the last ``(x, y, log|det dy/dx|)`` it computed: ``log_abs_det_jacobian`` on that pair costs
+nothing, and with ``cache_size=1`` (the default) the pair also answers ``t(x)`` and
+``t.inv(y)``. The cache is dropped by pickling and ``copy.deepcopy``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform
 
-from .conditioners import Conditioner, make_conditioner
-from .scales import ScaleMap
-from .scales import scale_map as resolve_scale_map
+from ._checks import check_finite
+from .conditioners import Conditioner, make_conditioner, resolve_order
+from .scales import ScaleMap, make_scale_map
 
 __all__ = [
     "AffineAutoregressive",
@@ -57,7 +58,59 @@ __all__ = [
 ]
 
 
-class _AffineArithmetic:
+class _LastPair:
+    """Mixin for a ``Transform``: value and log-determinant computed together, one cache.
+
+    Subclasses implement ``_call_with_log_det(x) -> (y, log_det)``, ``_inverse_with_log_det(y)
+    -> (x, log_det)`` and ``_log_det(x, y)``, where ``log_det`` is always that of ``x -> y``.
+    """
+
+    _last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        last = self._last
+        if self._cache_size and last is not None and last[0] is x:  # type: ignore[attr-defined]
+            return last[1]
+        y, log_det = self._call_with_log_det(x)
+        self._last = (x, y, log_det)
+        return y
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        last = self._last
+        if self._cache_size and last is not None and last[1] is y:  # type: ignore[attr-defined]
+            return last[0]
+        x, log_det = self._inverse_with_log_det(y)
+        self._last = (x, y, log_det)
+        return x
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self._call_with_log_det(x)[0]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self._inverse_with_log_det(y)[0]
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and last[0] is x and last[1] is y:
+            return last[2]
+        return self._log_det(x, y)
+
+    def _call_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _inverse_with_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _log_det(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state.pop("_last", None)
+        return state
+
+
+class _AffineArithmetic(_LastPair):
     """The map :math:`y = \\mu + \\sigma x` and its inverse, shared by every layer class.
 
     Concrete classes set ``conditioner``, ``scale_map``, ``reads_output`` and ``context``.
@@ -74,49 +127,56 @@ class _AffineArithmetic:
     reads_output: bool
     context: Tensor | None
 
-    def _clear_log_scale_cache(self) -> None:
-        self._cached_log_scale: tuple[Tensor, Tensor, Tensor] | None = None
-
-    @staticmethod
-    def _affine(loc: Tensor, scale: Tensor, value: Tensor, forward: bool) -> Tensor:
-        r""":math:`y = \mu + \sigma x` (forward) or :math:`x = (y - \mu) / \sigma`."""
-        return torch.addcmul(loc, scale, value) if forward else (value - loc) / scale
-
-    def _transform(self, value: Tensor, forward: bool) -> Tensor:
-        if forward != self.reads_output:  # the network reads `value`: one pass
-            loc, raw_scale = self.conditioner(value, self.context)
-            scale, log_scale = self.scale_map(raw_scale)
-            result = self._affine(loc, scale, value, forward)
-        else:
-
-            def solve(loc: Tensor, raw_scale: Tensor, w: Tensor) -> Tensor:
-                return self._affine(loc, self.scale_map(raw_scale)[0], w, forward)
-
-            result, loc, raw_scale = self.conditioner.recur(value, solve, self.context)
-            log_scale = self.scale_map(raw_scale)[1]
-        x, y = (value, result) if forward else (result, value)
-        self._cached_log_scale = (x, y, log_scale)
-        return result
-
-    def _call(self, x: Tensor) -> Tensor:
+    def _call_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform(x, forward=True)
 
-    def _inverse(self, y: Tensor) -> Tensor:
+    def _inverse_with_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform(y, forward=False)
 
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        r""":math:`\sum_i \log \sigma_i`, over the last dimension."""
-        cached = self._cached_log_scale
-        if cached is not None and cached[0] is x and cached[1] is y:
-            return cached[2].sum(-1)
+    def _log_det(self, x: Tensor, y: Tensor) -> Tensor:
         _, raw_scale = self.conditioner(y if self.reads_output else x, self.context)
         return self.scale_map(raw_scale)[1].sum(-1)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
-        state["_cached_log_scale"] = None
-        state["_cached_x_y"] = (None, None)
-        return state
+    def _transform(self, value: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
+        r""":math:`y = \mu + \sigma x` (``forward``) or :math:`x = (y - \mu) / \sigma`, and
+        :math:`\sum_i \log \sigma_i`; in one pass when the network reads ``value``."""
+        if forward != self.reads_output:
+            loc, raw_scale = self.conditioner(value, self.context)
+            scale, log_scale = self.scale_map(raw_scale)
+            result = torch.addcmul(loc, scale, value) if forward else (value - loc) / scale
+            sequential = False
+        else:
+
+            def solve(loc: Tensor, raw_scale: Tensor, w: Tensor) -> Tensor:
+                scale = self.scale_map(raw_scale)[0]
+                return torch.addcmul(loc, scale, w) if forward else (w - loc) / scale
+
+            result, _, raw_scale = self.conditioner.recur(value, solve, self.context)
+            log_scale = self.scale_map(raw_scale)[1]
+            sequential = True
+        log_det = log_scale.sum(-1)
+        check_finite(result, lambda: self._non_finite_message(result, sequential))
+        return result, log_det
+
+    def _non_finite_message(self, result: Tensor, sequential: bool) -> str:
+        name = f"{type(self).__name__} layer (input_dim={self.conditioner.input_dim})"
+        diverged = [
+            parameter_name
+            for parameter_name, parameter in self.conditioner.named_parameters()
+            if not bool(torch.isfinite(parameter).all())
+        ]
+        if diverged:
+            return (
+                f"the {name} has non-finite parameters ({', '.join(diverged)}): training has "
+                "diverged. Lower the learning rate or clip the gradients, e.g. "
+                "pyro.optim.ClippedAdam({'lr': 1e-3, 'clip_norm': 10.0})"
+            )
+        direction = "sequential" if sequential else "one-pass"
+        return (
+            f"the {name} produced non-finite values in its {direction} direction from a finite "
+            f"input: its output overflows {result.dtype}; use float64, or inputs of a smaller "
+            "scale"
+        )
 
 
 class AffineAutoregressive(_AffineArithmetic, TransformModule):
@@ -141,9 +201,8 @@ class AffineAutoregressive(_AffineArithmetic, TransformModule):
                 f"{conditioner.context_dim}; use the conditional layer instead"
             )
         self.conditioner = conditioner
-        self.scale_map = resolve_scale_map(scale_map)
+        self.scale_map = make_scale_map(scale_map)
         self.context = None
-        self._clear_log_scale_cache()
 
     def with_cache(self, cache_size: int = 1) -> AffineAutoregressive:
         if cache_size == self._cache_size:
@@ -213,7 +272,6 @@ class ConditionedAffineAutoregressive(_AffineArithmetic, Transform):
         self.scale_map = scale_map
         self.reads_output = reads_output
         self.context = context
-        self._clear_log_scale_cache()
 
     def with_cache(self, cache_size: int = 1) -> ConditionedAffineAutoregressive:
         if cache_size == self._cache_size:
@@ -238,6 +296,7 @@ class ConditionalAffineAutoregressive(ConditionalTransformModule):
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
+    sign = +1
 
     def __init__(self, conditioner: Conditioner, scale_map: str | ScaleMap = "softplus") -> None:
         super().__init__()
@@ -246,7 +305,7 @@ class ConditionalAffineAutoregressive(ConditionalTransformModule):
                 f"{type(self).__name__} needs a conditioner built with context_dim, got None"
             )
         self.conditioner = conditioner
-        self.scale_map = resolve_scale_map(scale_map)
+        self.scale_map = make_scale_map(scale_map)
 
     def condition(self, context: Tensor) -> ConditionedAffineAutoregressive:
         return ConditionedAffineAutoregressive(
@@ -274,10 +333,13 @@ class ConditionalMAF(ConditionalAffineAutoregressive):
     reads_output = True
 
 
-class Permutation(TransformModule):
-    """Reorders the last dimension: ``y = x[..., permutation]``; volume preserving.
+class Permutation(_LastPair, TransformModule):
+    r"""Reorders the last dimension: ``y = x[..., permutation]``; volume preserving.
 
-    The permutation is a buffer, so it follows ``.to()`` and survives ``state_dict``.
+    Its ``sign``, the sign of :math:`\det \partial y / \partial x`, is the permutation's
+    parity. The permutation is a buffer, so it follows ``.to()`` and survives ``state_dict``.
+    The built-in flows never need it (each layer takes its own order); ``build_flow`` puts it
+    between the layers of a registered flow that takes no ``ordering``.
     """
 
     domain = constraints.real_vector
@@ -290,21 +352,29 @@ class Permutation(TransformModule):
 
     def __init__(self, permutation: Tensor, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
-        permutation = torch.as_tensor(permutation, dtype=torch.long)
-        if not torch.equal(permutation.sort().values, torch.arange(len(permutation))):
-            raise ValueError(
-                f"expected a permutation of range({len(permutation)}), got {permutation.tolist()}"
-            )
+        permutation = resolve_order(len(permutation), permutation)
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
-    def _call(self, x: Tensor) -> Tensor:
-        return x[..., self.permutation]
+    @property
+    def sign(self) -> int:
+        """+1 for an even permutation, -1 for an odd one (parity by its cycle lengths)."""
+        order, seen, transpositions = self.permutation.tolist(), set(), 0
+        for start in range(len(order)):
+            length, position = 0, start
+            while position not in seen:
+                seen.add(position)
+                position, length = order[position], length + 1
+            transpositions += max(length - 1, 0)
+        return -1 if transpositions % 2 else +1
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        return y[..., self.inverse_permutation]
+    def _call_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[..., self.permutation], x.new_zeros(x.shape[:-1])
 
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+    def _inverse_with_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
+
+    def _log_det(self, x: Tensor, y: Tensor) -> Tensor:
         return x.new_zeros(x.shape[:-1])
 
     def with_cache(self, cache_size: int = 1) -> Permutation:

@@ -1,6 +1,11 @@
-"""Shared builders: layers of every kind, moved away from the identity."""
+"""Shared builders: layers of every kind, moved away from the identity; the examples."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pyro
 import pytest
@@ -49,6 +54,21 @@ def make_layer(
     generator = torch.Generator().manual_seed(seed + 1)
     context = torch.randn(batch_shape + (CONTEXT_DIM,), generator=generator, dtype=dtype)
     return module, module.condition(context), context
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module (its sibling ``_common`` importable meanwhile)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.fixture(autouse=True)

@@ -112,7 +112,8 @@ def test_lstm_first_position_reads_the_learned_start():
 def test_masked_linear_is_a_masked_affine_map_in_one_parameter():
     torch.manual_seed(0)
     mask = (torch.rand(5, 4) > 0.5).double()
-    layer = MaskedLinear(mask).double()
+    layer = MaskedLinear(4, 5).double()
+    layer.set_mask(mask)
     assert [name for name, _ in layer.named_parameters()] == ["affine"]
     assert layer.weight.shape == (5, 4) and layer.bias.shape == (5,)
     assert layer.weight.data_ptr() == layer.affine.data_ptr()  # views, not copies
@@ -164,7 +165,7 @@ def test_orderings():
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="equal hidden widths"):
         MaskedConditioner(3, [4, 8], residual=True)
-    with pytest.raises(ValueError, match="hidden_dims must be positive ints"):
+    with pytest.raises(ValueError, match=r"hidden_dims \(\[0\]\) must be a positive int, got 0"):
         MaskedConditioner(3, [0])
     with pytest.raises(ValueError, match="input_dim must be a positive int, got 0"):
         LSTMConditioner(0)
@@ -172,3 +173,102 @@ def test_bad_arguments_raise_value_error():
         LSTMConditioner(3, hidden_size=0)
     with pytest.raises(ValueError, match="context_dim"):
         MaskedConditioner(3, context_dim=-1)
+
+
+def structural_reach(conditioner: MaskedConditioner) -> torch.Tensor:
+    """(D, D) booleans: whether some path of kept connections leads from input j to loc_i."""
+    dim = conditioner.input_dim
+    reach = torch.eye(dim)
+    for index, layer in enumerate(conditioner.hidden):
+        step = (layer.mask_t[:dim] if index == 0 else layer.mask_t).t().ne(0).float() @ reach
+        if conditioner.residual and index > 0:
+            step = step + reach  # the skip path
+        reach = step.clamp(max=1)
+    return (conditioner.output.mask_t.t().ne(0).float() @ reach)[:dim] > 0
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, 13])
+@pytest.mark.parametrize("ordering", ["natural", "reversed", "random"])
+@pytest.mark.parametrize(
+    "hidden", ["none", "D-1", "D-1,D-1", "default", "2D,D-1", "residual"], ids=str
+)
+def test_every_accepted_made_keeps_every_dependency(dim, ordering, hidden):
+    narrowest = max(dim - 1, 1)
+    widths = {
+        "none": [],
+        "D-1": [narrowest],
+        "D-1,D-1": [narrowest, narrowest],
+        "default": None,
+        "2D,D-1": [2 * dim, narrowest],
+        "residual": [dim + 3] * 3,
+    }[hidden]
+    conditioner = MaskedConditioner(
+        dim, widths, ordering=ordering, seed=dim, residual=hidden == "residual"
+    )
+    rank = conditioner.rank
+    allowed = rank[None, :] < rank[:, None]  # loc_i may read x_j
+    reach = structural_reach(conditioner)
+    assert torch.equal(reach, allowed)
+    assert int(reach.sum()) == dim * (dim - 1) // 2
+
+
+def test_made_layers_narrower_than_d_minus_1_are_rejected():
+    with pytest.raises(ValueError, match=r"at least input_dim - 1 = 9 units.*\[5\]"):
+        MaskedConditioner(10, [5])
+    with pytest.raises(ValueError, match=r"at least input_dim - 1 = 99 .*\[64, 64\]"):
+        make_conditioner("masked", 100, hidden_dims=[64, 64])
+    with pytest.raises(ValueError, match="hidden_dims must be a list of ints, got 16"):
+        MaskedConditioner(3, 16)
+
+
+def test_orderings_and_sizes_are_not_coerced():
+    with pytest.raises(ValueError, match="1-D sequence of integers.*float"):
+        resolve_order(4, [0.0, 1.5, 2, 3])
+    with pytest.raises(ValueError, match="1-D sequence of integers, got 2-D"):
+        resolve_order(4, torch.tensor([[0, 1], [2, 3]]))
+    with pytest.raises(ValueError, match="1-D sequence of integers.*bool"):
+        resolve_order(2, [True, False])
+    with pytest.raises(ValueError, match="input_dim must be a positive int, got True"):
+        MaskedConditioner(True)
+    with pytest.raises(ValueError, match="hidden_size must be a positive int, got 8.0"):
+        LSTMConditioner(3, hidden_size=8.0)
+    assert resolve_order(3, torch.tensor([2, 0, 1], dtype=torch.int32)).tolist() == [2, 0, 1]
+
+
+def test_unknown_keywords_and_activations_fail_at_construction():
+    with pytest.raises(
+        ValueError, match="takes no argument 'hidden_dim' \\(did you mean 'hidden_dims'"
+    ):
+        make_conditioner("masked", 10, hidden_dim=[5])
+    with pytest.raises(ValueError, match="lstm conditioner takes no argument 'hidden_dims'"):
+        make_conditioner("lstm", 10, hidden_dims=[5])
+    with pytest.raises(ValueError, match="activation must be an elementwise nn.Module.*'relu'"):
+        MaskedConditioner(3, activation="relu")
+
+
+def test_state_dict_holds_parameters_and_the_order_only():
+    conditioner = MaskedConditioner(50)  # default width 151
+    state = conditioner.state_dict()
+    assert sorted(state) == ["hidden.0.affine", "order", "output.affine"]
+    parameter_bytes = sum(p.numel() * p.element_size() for p in conditioner.parameters())
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    assert state_bytes == parameter_bytes + 50 * 8  # plus the int64 order
+
+
+@pytest.mark.parametrize("name", ["masked", "lstm"])
+def test_inputs_of_another_dtype_or_with_a_stray_context_raise(name):
+    conditioner = make_conditioner(name, 4, context_dim=2)
+    with pytest.raises(
+        ValueError, match="torch.float64 but the network's parameters have .*float32"
+    ):
+        conditioner(torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="context has dtype torch.int64"):
+        conditioner(torch.randn(3, 4), torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(
+        ValueError, match=r"context's batch shape \(5,\) does not broadcast.*\(3,\)"
+    ):
+        conditioner(torch.randn(3, 4), torch.randn(5, 2))
+    loc, raw = conditioner(torch.randn(0, 4), torch.randn(0, 2))
+    assert loc.shape == raw.shape == (0, 4)
+    u, loc, raw = conditioner.recur(torch.randn(2, 0, 4), push, torch.randn(2))
+    assert u.shape == loc.shape == raw.shape == (2, 0, 4)

@@ -10,18 +10,18 @@ from torch.distributions import MultivariateNormal
 
 import pyro_arflow as af
 from pyro_arflow.conditioners import MaskedConditioner, make_conditioner
-from pyro_arflow.scales import SCALE_MAPS, scale_map
+from pyro_arflow.scales import SCALE_MAPS, make_scale_map
 
 
 def linear_ar_conditioner(coefficients: list[float], intercept: float, sigma: float, dim: int):
     """x_i | x_<i ~ N(intercept + sum_k a_k x_{i-k}, sigma^2), written into a linear MADE."""
     conditioner = MaskedConditioner(dim, hidden_dims=[]).double()
-    raw = scale_map("softplus").raw_for(torch.tensor(sigma, dtype=torch.float64))
+    raw = make_scale_map("softplus").raw_for(torch.tensor(sigma, dtype=torch.float64))
     weight = torch.zeros(2 * dim, dim, dtype=torch.float64)
     for lag, a in enumerate(coefficients, start=1):
         weight[:dim, :dim] += a * torch.diag(torch.ones(dim - lag, dtype=torch.float64), -lag)
     with torch.no_grad():
-        conditioner.output.weight.copy_(weight)
+        conditioner.output.weight.copy_(weight / conditioner.output.gain)
         conditioner.output.bias.copy_(
             torch.cat([torch.full((dim,), intercept, dtype=torch.float64), raw.expand(dim)])
         )

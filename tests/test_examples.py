@@ -2,24 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load(name: str):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXAMPLES))
+from conftest import load_example
 
 
 @pytest.mark.parametrize(
@@ -31,7 +15,7 @@ def load(name: str):
     ],
 )
 def test_example_runs_and_reports(name, rows_key, expected, tmp_path):
-    example = load(name)
+    example = load_example(name)
     rows = example.main(["--steps", "15", "--seed", "1", "--out", str(tmp_path)])
     names = [row[rows_key] for row in rows]
     assert set(getattr(example, expected)) <= set(names)

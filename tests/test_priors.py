@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pyro
 import pyro.distributions as dist
@@ -11,6 +13,7 @@ import torch
 from conftest import perturb
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
+from pyro.nn import PyroModule
 from pyro.optim import Adam
 
 import pyro_arflow as af
@@ -83,3 +86,65 @@ def test_state_dict_round_trip_and_bad_context():
         prior()
     with pytest.raises(ValueError, match=r"\(\.\.\., 2\), got shape \(5,\)"):
         prior(torch.randn(5))
+
+
+def standard_normal_log_prob(z):
+    return dist.Normal(torch.zeros_like(z), 1.0).to_event(1).log_prob(z)
+
+
+def test_two_priors_in_one_model_are_independent_by_default():
+    first = perturb(af.FlowPrior(4, hidden_dims=[8]))
+    second = af.FlowPrior(4, hidden_dims=[8])  # untrained: the identity flow
+    other_size = af.FlowPrior(6, hidden_dims=[8])
+    z, w = torch.randn(4), torch.randn(6)
+
+    def model():
+        pyro.sample("a", first())
+        pyro.sample("b", second())
+        pyro.sample("c", other_size())
+
+    pyro.poutine.trace(model).get_trace()
+    torch.testing.assert_close(second().log_prob(z), standard_normal_log_prob(z))
+    torch.testing.assert_close(other_size().log_prob(w), standard_normal_log_prob(w))
+    assert not torch.allclose(first().log_prob(z), standard_normal_log_prob(z))
+    store = pyro.get_param_store()
+    parameters = len(list(first.flow.parameters()))
+    assert len(store) == 3 * parameters  # three priors, three sets of parameters
+
+
+def test_priors_share_parameters_exactly_when_named_alike():
+    original = perturb(af.FlowPrior(4, hidden_dims=[8], name="shared"))
+    original()
+    twin = af.FlowPrior(4, hidden_dims=[8], name="shared")
+    z = torch.randn(4)
+    assert torch.equal(twin().log_prob(z), original().log_prob(z))
+    assert all(
+        a is b for a, b in zip(twin.flow.parameters(), original.flow.parameters(), strict=True)
+    )
+    af.FlowPrior(5, hidden_dims=[8], name="shared-5")()
+    clash = af.FlowPrior(4, hidden_dims=[8], name="shared-5")
+    with pytest.raises(ValueError, match=r"'shared-5.flow\$\$\$0.conditioner.*shape.*own name"):
+        clash()
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        af.FlowPrior(4, name="")
+
+
+def test_a_prior_inside_a_pyro_module_is_named_by_its_path():
+    class Model(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.prior = af.FlowPrior(3, hidden_dims=[4])
+
+    model = Model()
+    model.prior()
+    names = list(pyro.get_param_store().keys())
+    assert names and all(name.startswith("prior.flow$$$") for name in names)
+
+
+def test_deepcopy_and_pickle_of_a_used_prior():
+    prior = perturb(af.FlowPrior(3, context_dim=2, hidden_dims=[8]))
+    context, z = torch.randn(2), torch.randn(3)
+    expected = prior(context).log_prob(z)
+    expected.backward()
+    for other in (copy.deepcopy(prior), pickle.loads(pickle.dumps(prior))):
+        assert torch.equal(other(context).log_prob(z), expected)

@@ -29,13 +29,14 @@ def test_builtin_names():
 
 
 @pytest.mark.parametrize("name", ["iaf", "maf", "iaf-lstm", "maf-lstm"])
-def test_build_flow_stacks_layers_with_permutations(name):
+def test_build_flow_gives_each_builtin_layer_its_own_order(name):
     flow = af.build_flow(name, 4, num_flows=3)
     assert isinstance(flow, ComposeTransformModule)
-    kinds = [type(part) for part in flow.parts]
     layer = af.IAF if name.startswith("iaf") else af.MAF
-    assert kinds == [layer, af.Permutation, layer, af.Permutation, layer]
-    assert flow.parts[1].permutation.tolist() == [3, 2, 1, 0]
+    assert [type(part) for part in flow.parts] == [layer] * 3  # no permutations in between
+    orders = [part.conditioner.order.tolist() for part in flow.parts]
+    assert orders == [[0, 1, 2, 3], [3, 2, 1, 0], [0, 1, 2, 3]]
+    assert flow.sign == 1
     conditional = af.build_flow(name, 4, num_flows=2, context_dim=3)
     assert isinstance(conditional, ConditionalComposeTransformModule)
     x = torch.randn(5, 4, dtype=torch.float64)
@@ -43,14 +44,33 @@ def test_build_flow_stacks_layers_with_permutations(name):
     torch.testing.assert_close(transform.inv(transform(x).clone()), x, atol=1e-10, rtol=0)
 
 
-def test_random_permutations_are_buffers_that_survive_state_dict():
+def test_random_orders_are_buffers_that_survive_state_dict():
     flow = perturb(af.build_flow("iaf", 6, num_flows=3, permutation="random", seed=1))
     other = af.build_flow("iaf", 6, num_flows=3, permutation="random", seed=2)
-    assert not torch.equal(flow.parts[1].permutation, other.parts[1].permutation)
-    assert "1.permutation" in flow.state_dict()
-    other.load_state_dict(flow.state_dict())
+    assert not torch.equal(flow[1].conditioner.order, other[1].conditioner.order)
+    state = flow.state_dict()
+    assert "1.conditioner.order" in state
+    assert not any("mask" in key for key in state)  # derived from the order, not stored
+    other.load_state_dict(state)
     x = torch.randn(4, 6)
-    assert torch.equal(other(x), flow(x))
+    assert torch.equal(other(x), flow(x))  # the masks were rebuilt from the loaded order
+
+
+def test_a_factory_without_ordering_gets_permutations_between_its_layers(isolated_registry):
+    af.register_flow("plain-iaf", lambda input_dim, context_dim=None: af.iaf(input_dim))
+    flow = perturb(af.build_flow("plain-iaf", 4, num_flows=3).double())
+    assert [type(part) for part in flow.parts] == [
+        af.IAF,
+        af.Permutation,
+        af.IAF,
+        af.Permutation,
+        af.IAF,
+    ]
+    assert flow.parts[1].permutation.tolist() == [3, 2, 1, 0]
+    assert flow.sign == 1  # two transpositions in each reversal of 4: even
+    assert af.Permutation(torch.tensor([1, 0, 2])).sign == -1
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(flow.inv(flow(x).clone()), x, atol=1e-10, rtol=0)
 
 
 def test_register_flow_as_decorator_and_call(isolated_registry):
@@ -118,3 +138,24 @@ def test_bad_names_and_arguments_raise_value_error(isolated_registry):
         af.register_flow("", lambda input_dim: None)
     with pytest.raises(ValueError, match="must be callable"):
         af.register_flow("x", 3)
+
+
+def test_misconfigured_stacks_fail_at_construction(isolated_registry):
+    with pytest.raises(ValueError, match="conditioner is fixed \\(masked\\).*'iaf-lstm'"):
+        af.build_flow("iaf", 3, conditioner="lstm")
+    with pytest.raises(ValueError, match="no argument 'hidden_dim' \\(did you mean 'hidden_dims'"):
+        af.build_flow("maf", 3, hidden_dim=[4])
+    with pytest.raises(ValueError, match="gives every layer its own order.*permutation="):
+        af.build_flow("iaf", 3, ordering="reversed")
+    with pytest.raises(ValueError, match="context_dim must be a positive int, got 0"):
+        af.build_flow("iaf", 3, context_dim=0)
+
+    af.register_flow("returns-none", lambda input_dim, context_dim=None: None)
+    with pytest.raises(ValueError, match="'returns-none' returned NoneType, expected a Transform"):
+        af.build_flow("returns-none", 3)
+    af.register_flow("returns-module", lambda input_dim, context_dim=None: torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="returned Linear, expected a Transform"):
+        af.build_flow("returns-module", 3)
+    af.register_flow("fixed", lambda input_dim, context_dim=None: af.iaf(input_dim))
+    with pytest.raises(ValueError, match="flow 'fixed' takes no argument 'hidden_dims'"):
+        af.build_flow("fixed", 3, hidden_dims=[4])

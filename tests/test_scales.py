@@ -5,12 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyro_arflow.scales import SCALE_MAPS, SigmoidScale, SoftClipExpScale, SoftplusScale, scale_map
+from pyro_arflow.scales import (
+    SCALE_MAPS,
+    SigmoidScale,
+    SoftClipExpScale,
+    SoftplusScale,
+    make_scale_map,
+)
 
 
 @pytest.mark.parametrize("name", sorted(SCALE_MAPS))
 def test_zero_maps_to_unit_scale_and_log_scale_is_its_log(name):
-    transform = scale_map(name)
+    transform = make_scale_map(name)
     scale, log_scale = transform(torch.zeros(3, dtype=torch.float64))
     torch.testing.assert_close(scale, torch.ones(3, dtype=torch.float64), atol=1e-12, rtol=0)
     raw = torch.linspace(-8, 8, 101, dtype=torch.float64)
@@ -24,7 +30,7 @@ def test_zero_maps_to_unit_scale_and_log_scale_is_its_log(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_raw_values_stay_finite_and_positive(name, dtype):
     raw = torch.tensor([-1e30, -1e4, -100.0, 100.0, 1e4, 1e30], dtype=dtype, requires_grad=True)
-    scale, log_scale = scale_map(name)(raw)
+    scale, log_scale = make_scale_map(name)(raw)
     assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
     assert torch.all(torch.isfinite(log_scale))
     (scale.sum() + log_scale.sum()).backward()
@@ -42,7 +48,7 @@ def test_bounds_hold():
 
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="unknown scale map 'tanh'.*exp.*sigmoid.*softplus"):
-        scale_map("tanh")
+        make_scale_map("tanh")
     with pytest.raises(ValueError, match=r"min_scale must lie in \(0, 1\), got 2"):
         SoftplusScale(min_scale=2)
     with pytest.raises(ValueError, match="bound must be > 0"):

@@ -28,7 +28,7 @@ def push(loc, raw, z):
     "kwargs",
     [
         {"hidden_dims": [32, 32]},
-        {"hidden_dims": [7]},  # fewer hidden units than positions: some degrees have none
+        {"hidden_dims": [12]},  # D - 1 units, the fewest allowed: one unit per degree
         {"hidden_dims": []},
         {"hidden_dims": [24, 24, 24], "residual": True},
         {"hidden_dims": [32], "ordering": "reversed"},
@@ -63,7 +63,7 @@ def test_incremental_equals_d_passes_on_a_fitted_maf(dtype, tol):
     layer = af.maf(dim, hidden_dims=[64, 64], ordering="reversed").to(dtype)
     base = torch.distributions.Normal(torch.zeros(dim, dtype=dtype), 1.0)
     optimizer = torch.optim.Adam(layer.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(300):
         batch = data[torch.randint(len(data), (256,))]
         x = layer.inv(batch)
         loss = -(base.log_prob(x).sum(-1) - layer.log_abs_det_jacobian(x, batch)).mean()

@@ -134,8 +134,12 @@ def test_pyro_attributes_and_cache():
     uncached = layer.with_cache(0)
     assert uncached.conditioner is layer.conditioner
     assert uncached.inv(y) is not x
-    assert isinstance(af.maf(3), torch.nn.Module)
-    assert len(list(af.maf(3).parameters())) > 0
+    maf_layer = af.maf(3)
+    assert list(maf_layer.parameters()) == list(maf_layer.conditioner.parameters())
+    pyro.module("layer", maf_layer)  # its parameters are seen, unlike an IAF's .inv
+    assert set(pyro.get_param_store().keys()) == {
+        f"layer$$${name}" for name, _ in maf_layer.named_parameters()
+    }
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -245,3 +249,26 @@ def test_bad_input_raises_value_error(kind):
         (af.iaf if kind == "iaf" else af.maf)(4, conditioner="gru")
     with pytest.raises(ValueError, match="unknown conditioner"):
         af.conditional_iaf(4, 2, conditioner="made")
+
+
+@pytest.mark.parametrize("conditioner", CONDITIONERS)
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_the_layer_that_overflows_says_so(kind, conditioner):
+    """float32 overflow in a layer is reported by that layer (under Pyro's validation)."""
+    module, _, _ = make_layer(kind, conditioner, 6, seed=4)
+    perturb(module, std=1.0)
+    huge = 3e38 * torch.randn(3, 6).sign()  # near float32 max: any scale off 1 overflows
+    sequential = module if kind == "maf" else module.inv  # the solve direction of each
+    name = "MAF" if kind == "maf" else "IAF"
+    with pytest.raises(ValueError, match=rf"the {name} layer.*non-finite values.*overflows"):
+        sequential(huge)
+    with pyro.validation_enabled(False):
+        assert not torch.isfinite(sequential(huge.clone())).all()  # the check follows the switch
+
+
+def test_diverged_parameters_are_named_with_a_remedy():
+    layer = af.iaf(4, hidden_dims=[8])
+    with torch.no_grad():
+        layer.conditioner.output.affine[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite parameters \(output.affine\).*diverged"):
+        layer(torch.randn(2, 4))

@@ -18,14 +18,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_context, check_event
+from .._checks import check_context, check_event, check_positive_int
 
-__all__ = ["Conditioner", "Solve", "resolve_order"]
+__all__ = ["Conditioner", "Ordering", "Solve", "layer_orders", "resolve_order"]
 
 Solve = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``solve(loc, raw_scale, w) -> u``: recovers a position's value from its conditionals."""
 
 Ordering = str | Sequence[int] | Tensor
+ORDER_NAMES = ("natural", "reversed", "random")
 
 
 def resolve_order(input_dim: int, ordering: Ordering = "natural", seed: int = 0) -> Tensor:
@@ -34,7 +35,7 @@ def resolve_order(input_dim: int, ordering: Ordering = "natural", seed: int = 0)
     Arguments:
         input_dim: number of positions ``D``.
         ordering: ``"natural"`` (0..D-1), ``"reversed"``, ``"random"`` (seeded), or an explicit
-            permutation of ``range(D)``.
+            permutation of ``range(D)``: a 1-D sequence or tensor of integers.
         seed: seed of the ``"random"`` ordering.
     """
     if isinstance(ordering, str):
@@ -43,13 +44,18 @@ def resolve_order(input_dim: int, ordering: Ordering = "natural", seed: int = 0)
         if ordering == "reversed":
             return torch.arange(input_dim - 1, -1, -1)
         if ordering == "random":
-            generator = torch.Generator().manual_seed(seed)
-            return torch.randperm(input_dim, generator=generator)
+            return torch.randperm(input_dim, generator=torch.Generator().manual_seed(seed))
         raise ValueError(
-            f"unknown ordering {ordering!r}; expected 'natural', 'reversed', 'random' "
+            f"unknown ordering {ordering!r}; expected one of {ORDER_NAMES} "
             "or a permutation of range(input_dim)"
         )
-    order = torch.as_tensor(ordering, dtype=torch.long).reshape(-1)
+    given = ordering if isinstance(ordering, Tensor) else torch.tensor(list(ordering))
+    if given.dim() != 1 or given.dtype in (torch.bool, torch.uint8) or given.is_floating_point():
+        raise ValueError(
+            f"an explicit ordering must be a 1-D sequence of integers, got {given.dim()}-D "
+            f"{given.dtype} {ordering!r}"
+        )
+    order = given.to(torch.long)
     if not torch.equal(order.sort().values, torch.arange(input_dim)):
         raise ValueError(
             f"an explicit ordering must be a permutation of range({input_dim}), "
@@ -58,17 +64,38 @@ def resolve_order(input_dim: int, ordering: Ordering = "natural", seed: int = 0)
     return order.clone()
 
 
+def layer_orders(input_dim: int, num_layers: int, permutation: str, seed: int) -> list[Tensor]:
+    """The orders of ``num_layers`` stacked layers: the first natural, then each one either the
+    reverse of the one before (``"reversed"``) or a fresh seeded permutation (``"random"``)."""
+    if permutation not in ("reversed", "random"):
+        raise ValueError(f"permutation must be 'reversed' or 'random', got {permutation!r}")
+    generator = torch.Generator().manual_seed(seed)
+    orders = [torch.arange(input_dim)]
+    for _ in range(num_layers - 1):
+        if permutation == "reversed":
+            orders.append(orders[-1].flip(0))
+        else:
+            orders.append(torch.randperm(input_dim, generator=generator))
+    return orders
+
+
+def _rebuild_after_load(module: Conditioner, incompatible_keys: object) -> None:
+    module._order_loaded()  # a module-level function, so that conditioners pickle
+
+
 class Conditioner(nn.Module):
     """Base class: an autoregressive network over ``input_dim`` positions in a fixed order.
 
     Subclasses implement ``_forward`` and ``_recur`` on flattened ``(B, D)`` inputs; this class
-    validates shapes, broadcasts the context against the batch and restores batch shapes.
+    validates inputs (shape, dtype, device, finiteness), broadcasts the context against the
+    batch and restores batch shapes (empty batches included).
 
     Attributes:
         input_dim: ``D``.
         context_dim: size of the context vector, or ``None`` for an unconditional network.
-        order: buffer, ``order[t]`` = the position processed ``t``-th.
-        rank: buffer, the inverse permutation: ``rank[i]`` = when position ``i`` is processed.
+        order: buffer, ``order[t]`` = the position processed ``t``-th; saved in the state dict,
+            and everything derived from it is rebuilt when a state dict is loaded.
+        rank: the inverse permutation, ``rank[i]`` = when position ``i`` is processed.
     """
 
     order: Tensor
@@ -82,21 +109,23 @@ class Conditioner(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not (isinstance(input_dim, int) and input_dim >= 1):
-            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
-        if context_dim is not None and not (isinstance(context_dim, int) and context_dim >= 1):
-            raise ValueError(f"context_dim must be None or a positive int, got {context_dim!r}")
-        self.input_dim = input_dim
+        self.input_dim = check_positive_int(input_dim, "input_dim")
+        if context_dim is not None:
+            check_positive_int(context_dim, "context_dim")
         self.context_dim = context_dim
-        order = resolve_order(input_dim, ordering, seed)
-        self.register_buffer("order", order)
-        self.register_buffer("rank", torch.argsort(order))
+        self.register_buffer("order", resolve_order(input_dim, ordering, seed))
+        self.register_buffer("rank", torch.argsort(self.order), persistent=False)
+        self.register_load_state_dict_post_hook(_rebuild_after_load)
+
+    def _order_loaded(self) -> None:
+        """Rebuild what depends on ``order`` after a state dict replaced it."""
+        self.rank.copy_(torch.argsort(self.order))
 
     def forward(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """All positions' ``(loc, raw_scale)`` in one pass, each of shape ``u.shape``."""
-        u2, context2, batch_shape = self._flatten(u, context, "input")
+        u2, context2, batch_shape = self._flatten(u, context)
         loc, raw = self._forward(u2, context2)
-        return loc.reshape(batch_shape + (-1,)), raw.reshape(batch_shape + (-1,))
+        return self._unflatten(loc, batch_shape), self._unflatten(raw, batch_shape)
 
     def recur(
         self, w: Tensor, solve: Solve, context: Tensor | None = None
@@ -105,9 +134,13 @@ class Conditioner(nn.Module):
 
         Returns ``(u, loc, raw_scale)``, where ``(loc, raw_scale) = forward(u, context)``.
         """
-        w2, context2, batch_shape = self._flatten(w, context, "input")
+        w2, context2, batch_shape = self._flatten(w, context)
         u, loc, raw = self._recur(w2, solve, context2)
-        return tuple(t.reshape(batch_shape + (-1,)) for t in (u, loc, raw))  # type: ignore[return-value]
+        return (
+            self._unflatten(u, batch_shape),
+            self._unflatten(loc, batch_shape),
+            self._unflatten(raw, batch_shape),
+        )
 
     def _forward(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -118,16 +151,26 @@ class Conditioner(nn.Module):
         raise NotImplementedError
 
     def _flatten(
-        self, u: Tensor, context: Tensor | None, name: str
+        self, u: Tensor, context: Tensor | None
     ) -> tuple[Tensor, Tensor | None, torch.Size]:
-        check_event(u, self.input_dim, name)
-        check_context(context, self.context_dim)
+        like = next(self.parameters())
+        check_event(u, self.input_dim, "input", like)
+        check_context(context, self.context_dim, like)
         batch_shape = u.shape[:-1]
         if context is not None:
-            batch_shape = torch.broadcast_shapes(batch_shape, context.shape[:-1])
+            try:
+                batch_shape = torch.broadcast_shapes(batch_shape, context.shape[:-1])
+            except RuntimeError:
+                raise ValueError(
+                    f"the context's batch shape {tuple(context.shape[:-1])} does not broadcast "
+                    f"with the input's {tuple(u.shape[:-1])}"
+                ) from None
             context = context.expand(batch_shape + (-1,)).reshape(-1, self.context_dim)
         u = u.expand(batch_shape + (-1,)).reshape(-1, self.input_dim)
         return u, context, batch_shape
+
+    def _unflatten(self, value: Tensor, batch_shape: torch.Size) -> Tensor:
+        return value.reshape(batch_shape + (self.input_dim,))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, context_dim={self.context_dim}"

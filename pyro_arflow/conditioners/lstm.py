@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from .base import Conditioner, Ordering, Solve
 
 __all__ = ["FORWARD_GATE_BUDGET", "LSTMConditioner"]
@@ -50,12 +51,8 @@ class LSTMConditioner(Conditioner):
         seed: int = 0,
     ) -> None:
         super().__init__(input_dim, context_dim, ordering, seed)
-        if not (isinstance(hidden_size, int) and hidden_size >= 1):
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        if not (isinstance(num_layers, int) and num_layers >= 1):
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
+        self.hidden_size = check_positive_int(hidden_size, "hidden_size")
+        self.num_layers = check_positive_int(num_layers, "num_layers")
         self.lstm = nn.LSTM(1 + (context_dim or 0), hidden_size, num_layers)
         self.start_value = nn.Parameter(torch.zeros(()))
         self.start_hidden = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
@@ -91,7 +88,7 @@ class LSTMConditioner(Conditioner):
         shifted = torch.cat([start, ordered[:-1]], dim=0)
         state = self._start_state(batch)
         params = []
-        steps_per_call = max(1, FORWARD_GATE_BUDGET // (batch * 4 * self.hidden_size))
+        steps_per_call = max(1, FORWARD_GATE_BUDGET // (max(batch, 1) * 4 * self.hidden_size))
         for window in self._steps_input(shifted, context).split(steps_per_call):
             hidden, state = self.lstm(window, state)
             params.append(self.head(hidden))
@@ -105,7 +102,13 @@ class LSTMConditioner(Conditioner):
         w_ordered = w.t()[self.order]
         hidden, cell = self._start_state(batch)
         states = list(zip(hidden.unbind(0), cell.unbind(0), strict=True))
-        weights = [self.lstm._flat_weights[4 * k : 4 * k + 4] for k in range(self.num_layers)]
+        weights = [
+            [
+                getattr(self.lstm, f"{kind}_l{k}")
+                for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            ]
+            for k in range(self.num_layers)
+        ]
         head_weight, head_bias = self.head.weight, self.head.bias
         value = self.start_value.expand(batch, 1)
         values, params = [], []

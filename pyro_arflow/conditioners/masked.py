@@ -5,9 +5,10 @@ Every unit gets a *degree*. Input :math:`j` has degree :math:`\mathrm{rank}(j)` 
 the order), hidden units get degrees in :math:`\{0, \dots, D-2\}`, sorted within each layer,
 and a connection from a unit of degree :math:`a` to a hidden unit of degree :math:`b` exists
 only when :math:`a \le b`, to an output of position :math:`i` only when
-:math:`a < \mathrm{rank}(i)`. So output :math:`i` sees exactly the inputs before it in the
-order, and one pass of the network yields all :math:`D` conditionals. A context, when given,
-feeds every first-layer unit.
+:math:`a < \mathrm{rank}(i)`. Every hidden layer has at least :math:`D - 1` units, so every
+degree occurs in it and output :math:`i` sees exactly the inputs before it in the order: one
+pass of the network yields all :math:`D` conditionals, none of their dependencies lost. A
+context, when given, feeds every first-layer unit.
 
 The sequential solve (``recur``) has two exact methods:
 
@@ -24,11 +25,13 @@ The sequential solve (``recur``) has two exact methods:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from .base import Conditioner, Ordering, Solve
 
 __all__ = ["MaskedConditioner", "MaskedLinear", "RECUR_METHODS"]
@@ -37,7 +40,7 @@ RECUR_METHODS = ("incremental", "passes")
 
 
 class MaskedLinear(nn.Module):
-    r""":math:`x \mapsto x (W \odot M)^\top + b` with a fixed 0/1 ``mask`` :math:`M`.
+    r""":math:`x \mapsto x (W \odot M)^\top + b` with a fixed connectivity :math:`M`.
 
     :math:`W` and :math:`b` live in one parameter, ``affine`` :math:`= [W^\top; b]` of shape
     ``(in_features + 1, out_features)`` (so :math:`y = [x, 1]\,\text{affine}` unmasked);
@@ -48,22 +51,31 @@ class MaskedLinear(nn.Module):
     transposed so that the bias is a contiguous row. Initialized as ``nn.Linear``: uniform on
     :math:`\pm 1/\sqrt{\text{in\_features}}`.
 
+    :math:`M` holds 0 where a connection is cut and ``gain`` where it exists; it is derived
+    from the network's structure (:meth:`set_mask`), so it is a buffer kept out of the state
+    dict: checkpoints hold parameters only.
+
     Arguments:
-        mask: the 0/1 connectivity, shape ``(out_features, in_features)``.
+        in_features, out_features: the sizes of the map.
+        gain: the multiplier of every kept weight (the bias has none).
     """
 
     mask_t: Tensor
 
-    def __init__(self, mask: Tensor) -> None:
+    def __init__(self, in_features: int, out_features: int, gain: float = 1.0) -> None:
         super().__init__()
-        out_features, in_features = mask.shape
-        self.in_features, self.out_features = in_features, out_features
-        # stored like `affine`, transposed, so masking is one contiguous product
-        self.register_buffer("mask_t", mask.t().to(torch.get_default_dtype()).contiguous())
+        self.in_features, self.out_features, self.gain = in_features, out_features, gain
         bound = in_features**-0.5
         self.affine = nn.Parameter(
             torch.empty(in_features + 1, out_features).uniform_(-bound, bound)
         )
+        self.register_buffer(
+            "mask_t", torch.full((in_features, out_features), gain), persistent=False
+        )
+
+    def set_mask(self, mask: Tensor) -> None:
+        """Set the 0/1 connectivity, shape ``(out_features, in_features)``."""
+        self.mask_t.copy_(mask.t() * self.gain)
 
     @property
     def weight(self) -> Tensor:
@@ -88,18 +100,32 @@ class MaskedLinear(nn.Module):
         return torch.addmm(bias, x, weight_t)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, gain={self.gain}"
+
+
+def output_gain(fan_in: int) -> float:
+    """The gain of an output layer reading ``fan_in`` units: ``min(1, 8 / fan_in)`` rounded to
+    a power of two, which every floating dtype holds exactly (see :class:`MaskedConditioner`)."""
+    return 2.0 ** -max(0, round(math.log2(fan_in / 8)))
 
 
 def hidden_degrees(input_dim: int, width: int) -> Tensor:
-    """Sorted degrees of a hidden layer, spread evenly over ``0 .. D-2`` (all 0 when D = 1)."""
+    """Sorted degrees of a hidden layer, spread evenly over ``0 .. D-2`` (all 0 when D = 1).
+
+    With ``width >= D - 1`` every degree occurs, which is what keeps every dependency.
+    """
     return torch.arange(width) * max(input_dim - 1, 1) // width
 
 
 def _build_activation(activation: type[nn.Module] | nn.Module) -> nn.Module:
     """An instance passes through; a class is built, in place when it can be."""
-    if not isinstance(activation, type):
+    if isinstance(activation, nn.Module):
         return activation
+    if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
+        raise ValueError(
+            "activation must be an elementwise nn.Module class or instance (e.g. nn.ReLU or "
+            f"nn.ELU()), got {activation!r}"
+        )
     if "inplace" in inspect.signature(activation).parameters:
         return activation(inplace=True)
     return activation()
@@ -110,8 +136,9 @@ class MaskedConditioner(Conditioner):
 
     Arguments:
         input_dim: number of positions ``D``.
-        hidden_dims: widths of the hidden layers (``[]`` gives a linear autoregression);
-            default ``[3 * input_dim + 1]``, as Pyro's.
+        hidden_dims: widths of the hidden layers, each at least ``D - 1`` (fewer units cannot
+            carry every position's whole prefix, so some dependencies would silently vanish;
+            ``[]`` gives a linear autoregression); default ``[3 * input_dim + 1]``, as Pyro's.
         context_dim: size of an optional context vector fed to the first layer.
         ordering: ``"natural"``, ``"reversed"``, ``"random"`` (with ``seed``) or a permutation.
         seed: seed of a random ordering.
@@ -122,7 +149,18 @@ class MaskedConditioner(Conditioner):
             overwriting them is safe and saves one activation-sized tensor per layer.
         recur_method: ``"incremental"`` (default) or ``"passes"``; see the module docstring.
 
-    The output layer starts at zero, so ``loc = 0`` and ``raw_scale = 0`` until trained.
+    The output layer starts at zero, so ``loc = 0`` and ``raw_scale = 0`` until trained, and
+    its weights carry the gain ``min(1, 8 / fan_in)`` (rounded to a power of two, exact in
+    every dtype): the mean-field scaling ``1 / fan_in``
+    of the output layer (Yang and Hu 2021, "Tensor Programs IV",
+    https://arxiv.org/abs/2011.14522) times 8. Adam moves every weight by about the learning
+    rate per step whatever its gradient's size, so with gain 1 one step moves each output by
+    about ``lr * fan_in * mean|h|``: at lr 1e-2, through the default 1,510 hidden units of a
+    503-dimensional guide, loc jumped by 2 in the first step and training diverged by step 14.
+    With the gain a step moves an output by about ``lr * 8 * mean|h|`` at any width; ``mean|h|``
+    is 0.04 to 0.16 at initialization, so that is about the rate of the output biases, which
+    keep gain 1 and learn like plain parameters. (With ``1 / fan_in`` alone, fitting a MAF by
+    maximum likelihood at lr 3e-3 took 600 steps to get where 150 steps got before.)
     """
 
     def __init__(
@@ -139,9 +177,20 @@ class MaskedConditioner(Conditioner):
         super().__init__(input_dim, context_dim, ordering, seed)
         if recur_method not in RECUR_METHODS:
             raise ValueError(f"recur_method must be one of {RECUR_METHODS}, got {recur_method!r}")
-        hidden_dims = [3 * input_dim + 1] if hidden_dims is None else list(hidden_dims)
-        if not all(isinstance(h, int) and h >= 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must be positive ints, got {hidden_dims}")
+        if hidden_dims is None:
+            hidden_dims = [3 * input_dim + 1]
+        elif isinstance(hidden_dims, (int, str, Tensor)) or not isinstance(hidden_dims, Sequence):
+            raise ValueError(f"hidden_dims must be a list of ints, got {hidden_dims!r}")
+        hidden_dims = list(hidden_dims)
+        for width in hidden_dims:
+            check_positive_int(width, f"every entry of hidden_dims ({hidden_dims})")
+        narrow = [width for width in hidden_dims if width < input_dim - 1]
+        if narrow:
+            raise ValueError(
+                f"a MADE hidden layer needs at least input_dim - 1 = {input_dim - 1} units, so "
+                f"that every position can depend on all the positions before it (Germain et al. "
+                f"2015); got hidden_dims={hidden_dims}"
+            )
         if residual and len(set(hidden_dims)) > 1:
             raise ValueError(f"residual connections need equal hidden widths, got {hidden_dims}")
         self.hidden_dims = hidden_dims
@@ -150,26 +199,43 @@ class MaskedConditioner(Conditioner):
         self.activation = _build_activation(activation)
 
         context_width = context_dim or 0
-        in_degrees = self.rank
-        layers = []
+        widths = [input_dim + context_width, *hidden_dims]
+        self.hidden = nn.ModuleList(
+            MaskedLinear(fan_in, width)
+            for fan_in, width in zip(widths[:-1], hidden_dims, strict=True)
+        )
+        self.output = MaskedLinear(widths[-1], 2 * input_dim, gain=output_gain(widths[-1]))
+        nn.init.zeros_(self.output.affine)
         # units_through[l][d + 1] = how many units of layer l (0 = the inputs, in order) have
         # degree <= d, for d = -1 .. D-1: the prefix the incremental solve reads.
-        self._units_through = [list(range(input_dim + 1))]
-        for index, width in enumerate(hidden_dims):
-            degrees = hidden_degrees(input_dim, width)
-            thresholds = torch.arange(-1, input_dim)
-            self._units_through.append(torch.searchsorted(degrees, thresholds, right=True).tolist())
+        thresholds = torch.arange(-1, input_dim)
+        self._units_through = [list(range(input_dim + 1))] + [
+            torch.searchsorted(hidden_degrees(input_dim, width), thresholds, right=True).tolist()
+            for width in hidden_dims
+        ]
+        self._set_masks()
+
+    def _order_loaded(self) -> None:
+        super()._order_loaded()
+        self._set_masks()
+
+    def _set_masks(self) -> None:
+        """Connectivity from the degrees: input j has degree rank(j), hidden units their
+        sorted degrees; a hidden unit sees degrees <= its own, output i degrees < rank(i)."""
+        rank = self.rank.cpu()
+        context_width = self.context_dim or 0
+        in_degrees = rank
+        for index, layer in enumerate(self.hidden):
+            degrees = hidden_degrees(self.input_dim, layer.out_features)
             mask = (in_degrees[None, :] <= degrees[:, None]).float()
             if index == 0:
-                mask = torch.cat([mask, torch.ones(width, context_width)], dim=1)
-            layers.append(MaskedLinear(mask))
+                mask = torch.cat([mask, torch.ones(len(degrees), context_width)], dim=1)
+            layer.set_mask(mask)
             in_degrees = degrees
-        output_mask = (in_degrees[None, :] < self.rank[:, None]).float().repeat(2, 1)
-        if not hidden_dims:
-            output_mask = torch.cat([output_mask, torch.ones(2 * input_dim, context_width)], 1)
-        self.hidden = nn.ModuleList(layers)
-        self.output = MaskedLinear(output_mask)
-        nn.init.zeros_(self.output.affine)
+        mask = (in_degrees[None, :] < rank[:, None]).float().repeat(2, 1)
+        if not self.hidden_dims:
+            mask = torch.cat([mask, torch.ones(2 * self.input_dim, context_width)], 1)
+        self.output.set_mask(mask)
 
     def _forward(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         h = u if context is None else torch.cat([u, context], dim=-1)
