@@ -1,8 +1,9 @@
 """Both directions of one autoregressive layer, against Pyro, zuko and the plain-MLP floor.
 
-    python benchmarks/bench_flows.py            # needs the bench extra: pip install -e '.[bench]'
+    python benchmarks/bench_flows.py                 # the bench extra: pip install -e '.[bench]'
+    python benchmarks/bench_flows.py --device cuda   # the same tables on a GPU
 
-Setting (the issue's): D = 64, two hidden layers of 256 units, batch 4096, float32, CPU.
+Setting: D = 64, two hidden layers of 256 units, float32; batch 4096 (and 65536 on a GPU).
 
 * Parallel direction (IAF forward / MAF density): our masked layer, Pyro's
   ``AffineAutoregressive``, zuko's ``MAF`` (one transform) and nflows'
@@ -15,35 +16,39 @@ Setting (the issue's): D = 64, two hidden layers of 256 units, batch 4096, float
   drawn. Ours runs its incremental solve and, as a reference, the D-pass fixed point; the
   peers run D network passes. The max inverse error is |T^-1(T(z)) - z| through each layer's
   own parallel direction.
-* LSTM conditioner, both directions, D = 256, 1024, 4096, hidden 64, batch 256.
+* Scale maps: our IAF's parallel direction with each of them, without and with a backward
+  pass (the default scale map is chosen by this table and by stability; README).
+* LSTM conditioner, both directions, D = 256, 1024, 4096, hidden 64, batch 256; on a GPU
+  the sequential direction also without CUDA graphs, to show what they buy.
 
-Times are medians of repeated runs; ratios are printed, nothing is asserted.
+Times are medians of repeated runs (wall clock on the CPU, CUDA events on a GPU); ratios are
+printed, nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
 import zuko
-from _timing import interleaved_medians
+from _timing import describe_machine, interleaved_medians
 from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
 from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
 
 import pyro_arflow as af
 from pyro_arflow.conditioners import LSTMConditioner
+from pyro_arflow.scales import SCALE_MAPS
 
 DIM, HIDDEN, BATCH = 64, [256, 256], 4096
+DEVICE = "cpu"  # set by --device
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    return interleaved_medians({"": fn}, repeats)[""]
+    return interleaved_medians({"": fn}, repeats, DEVICE)[""]
 
 
 def ar1_samples(n: int, coefficient: float = 0.9) -> torch.Tensor:
@@ -66,6 +71,7 @@ class Candidate:
 
     def fit(self, steps: int, data: torch.Tensor) -> float:
         optimizer = torch.optim.Adam(self.module.parameters(), lr=1e-3)
+        data = data.to(DEVICE)
         for _ in range(steps):
             batch = data[torch.randint(len(data), (512,))]
             loss = -self.log_prob(batch).mean()
@@ -76,11 +82,11 @@ class Candidate:
 
 
 def standard_normal() -> dist.Distribution:
-    return dist.Normal(torch.zeros(DIM), 1.0).to_event(1)
+    return dist.Normal(torch.zeros(DIM, device=DEVICE), 1.0).to_event(1)
 
 
 def ours(recur_method: str = "incremental") -> Candidate:
-    layer = af.maf(DIM, hidden_dims=HIDDEN, recur_method=recur_method)
+    layer = af.maf(DIM, hidden_dims=HIDDEN, recur_method=recur_method).to(DEVICE)
     flow = dist.TransformedDistribution(standard_normal(), [layer])
     return Candidate(
         "pyro-arflow MAF", layer, flow.log_prob, lambda z: layer(z), lambda x: layer.inv(x)
@@ -88,7 +94,7 @@ def ours(recur_method: str = "incremental") -> Candidate:
 
 
 def pyro_maf() -> Candidate:
-    layer = affine_autoregressive(DIM, hidden_dims=HIDDEN)  # IAF; .inv makes it a MAF
+    layer = affine_autoregressive(DIM, hidden_dims=HIDDEN).to(DEVICE)  # IAF; .inv: a MAF
     flow = dist.TransformedDistribution(standard_normal(), [layer.inv])
     return Candidate(
         "Pyro AffineAutoregressive",
@@ -100,7 +106,7 @@ def pyro_maf() -> Candidate:
 
 
 def zuko_maf() -> Candidate:
-    flow = zuko.flows.MAF(features=DIM, transforms=1, hidden_features=tuple(HIDDEN))
+    flow = zuko.flows.MAF(features=DIM, transforms=1, hidden_features=tuple(HIDDEN)).to(DEVICE)
     return Candidate(
         "zuko MAF",
         flow,
@@ -117,7 +123,7 @@ def nflows_transform() -> MaskedAffineAutoregressiveTransform:
         hidden_features=HIDDEN[0],
         num_blocks=len(HIDDEN) - 1,
         use_residual_blocks=False,
-    )
+    ).to(DEVICE)
 
 
 def nflows_maf() -> Candidate:
@@ -145,32 +151,35 @@ def mlp_floor(inplace: bool = True) -> nn.Module:
         nn.Linear(HIDDEN[0], HIDDEN[1]),
         nn.ReLU(inplace=inplace),
         nn.Linear(HIDDEN[1], 2 * DIM),
-    )
+    ).to(DEVICE)
 
 
-def parallel_table(repeats: int) -> None:
+def with_log_det(layer, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run():
+        u = x.clone()  # a fresh tensor: no transform answers from its cache
+        y = layer(u)
+        return y.sum() + layer.log_abs_det_jacobian(u, y).sum()
+
+    return run
+
+
+def parallel_table(repeats: int, batch: int) -> None:
     """Forward + log-determinant of one layer in its one-pass direction (an IAF's sampling)."""
-    x = torch.randn(BATCH, DIM)
+    x = torch.randn(batch, DIM, device=DEVICE)
     floor, stock_mlp = mlp_floor(), mlp_floor(inplace=False)
     layers = {
-        "pyro-arflow IAF": af.iaf(DIM, hidden_dims=HIDDEN),
-        "Pyro AffineAutoregressive": affine_autoregressive(DIM, hidden_dims=HIDDEN),
+        "pyro-arflow IAF": af.iaf(DIM, hidden_dims=HIDDEN).to(DEVICE),
+        "Pyro AffineAutoregressive": affine_autoregressive(DIM, hidden_dims=HIDDEN).to(DEVICE),
     }
-    zuko_transform = zuko.flows.MAF(features=DIM, transforms=1, hidden_features=tuple(HIDDEN))
-
-    def with_log_det(layer):
-        def run():
-            u = x.clone()  # a fresh tensor: no transform answers from its cache
-            y = layer(u)
-            return y.sum() + layer.log_abs_det_jacobian(u, y).sum()
-
-        return run
+    zuko_transform = zuko.flows.MAF(features=DIM, transforms=1, hidden_features=tuple(HIDDEN)).to(
+        DEVICE
+    )
 
     runs = {
         "unmasked MLP (floor)": lambda: floor(x.clone()).sum(),
         "unmasked MLP, nn.ReLU()": lambda: stock_mlp(x.clone()).sum(),
     }
-    runs.update({name: with_log_det(layer) for name, layer in layers.items()})
+    runs.update({name: with_log_det(layer, x) for name, layer in layers.items()})
 
     def zuko_run():
         y, ladj = zuko_transform.transform().call_and_ladj(x.clone())
@@ -185,15 +194,16 @@ def parallel_table(repeats: int) -> None:
 
     runs["nflows MAF"] = nflows_run
     with torch.no_grad():
-        no_grad = interleaved_medians(runs, repeats)
-    train = interleaved_medians({k: (lambda f=f: f().backward()) for k, f in runs.items()}, repeats)
-    print(f"\nParallel direction (forward + log-det), D={DIM}, hidden={HIDDEN}, batch={BATCH}")
+        no_grad = interleaved_medians(runs, repeats, DEVICE)
+    backward_runs = {k: (lambda f=f: f().backward()) for k, f in runs.items()}
+    train = interleaved_medians(backward_runs, repeats, DEVICE)
+    print(f"\nParallel direction (forward + log-det), D={DIM}, hidden={HIDDEN}, batch={batch}")
     print(f"{'method':28s} {'no-grad ms':>11s} {'x floor':>8s} {'fwd+bwd ms':>11s} {'x floor':>8s}")
     floor_name = "unmasked MLP (floor)"
     for name in runs:
         print(
-            f"{name:28s} {no_grad[name]:11.2f} {no_grad[name] / no_grad[floor_name]:8.2f} "
-            f"{train[name]:11.2f} {train[name] / train[floor_name]:8.2f}"
+            f"{name:28s} {no_grad[name]:11.3f} {no_grad[name] / no_grad[floor_name]:8.2f} "
+            f"{train[name]:11.3f} {train[name] / train[floor_name]:8.2f}"
         )
     for peer in ("Pyro AffineAutoregressive", "zuko MAF", "nflows MAF", "unmasked MLP, nn.ReLU()"):
         print(
@@ -215,7 +225,7 @@ def sequential_table(steps: int, repeats: int) -> None:
         .mean()
         .item()
     )
-    z = torch.randn(BATCH, DIM)
+    z = torch.randn(BATCH, DIM, device=DEVICE)
     print(f"{'method':28s} {'train NLL':>10s} {'ms':>9s} {'net passes':>16s} {'max inv err':>12s}")
     times = {}
     for c in candidates:
@@ -224,7 +234,7 @@ def sequential_table(steps: int, repeats: int) -> None:
             times[c.name] = median_ms(lambda c=c: c.sample(z.clone()), repeats)
             error = (c.to_noise(c.sample(z.clone()).clone()) - z).abs().max().item()
         passes = "~1 (D steps)" if c is candidates[0] else f"{DIM}"
-        print(f"{c.name:28s} {nll:10.2f} {times[c.name]:9.1f} {passes:>16s} {error:12.2e}")
+        print(f"{c.name:28s} {nll:10.2f} {times[c.name]:9.2f} {passes:>16s} {error:12.2e}")
     fitted = candidates[0].module
     with torch.no_grad():
         fast = fitted(z.clone())
@@ -234,7 +244,7 @@ def sequential_table(steps: int, repeats: int) -> None:
         fitted.conditioner.recur_method = "incremental"
         in_float64 = copy.deepcopy(fitted).double()(z.double())
     name = "pyro-arflow MAF, D passes"
-    print(f"{name:28s} {'':10s} {reference_ms:9.1f} {DIM:>16d} {'':12s}")
+    print(f"{name:28s} {'':10s} {reference_ms:9.2f} {DIM:>16d} {'':12s}")
     print(f"(exact NLL of the fitted Gaussian on the data: {exact_nll:.2f})")
 
     def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -251,54 +261,74 @@ def sequential_table(steps: int, repeats: int) -> None:
     print(f"incremental / D passes (ours): {ours_ms / reference_ms:.3f}")
 
 
+def scale_map_table(repeats: int, batch: int) -> None:
+    """Our IAF's parallel direction with each scale map: what the map costs at this size."""
+    x = torch.randn(batch, DIM, device=DEVICE)
+    runs = {
+        name: with_log_det(af.iaf(DIM, hidden_dims=HIDDEN, scale_map=name).to(DEVICE), x)
+        for name in sorted(SCALE_MAPS)
+    }
+    with torch.no_grad():
+        no_grad = interleaved_medians(runs, repeats, DEVICE)
+    backward_runs = {k: (lambda f=f: f().backward()) for k, f in runs.items()}
+    train = interleaved_medians(backward_runs, repeats, DEVICE)
+    print(f"\nScale maps: our IAF's parallel direction, batch={batch}")
+    print(f"{'scale map':12s} {'no-grad ms':>11s} {'fwd+bwd ms':>11s}")
+    for name in runs:
+        print(f"{name:12s} {no_grad[name]:11.3f} {train[name]:11.3f}")
+
+
+def push(loc, raw, noise):
+    return loc + torch.nn.functional.softplus(raw) * noise
+
+
 def lstm_table(repeats: int) -> None:
     print("\nLSTM conditioner, hidden 64, batch 256 (one layer, no grad; sizes take turns)")
     batch, dims = 256, (256, 1024, 4096)
-
-    def push(loc, raw, noise):
-        return loc + torch.nn.functional.softplus(raw) * noise
-
     runs = {}
     for dim in dims:
-        conditioner, u = LSTMConditioner(dim, hidden_size=64), torch.randn(batch, dim)
+        conditioner = LSTMConditioner(dim, hidden_size=64).to(DEVICE)
+        u = torch.randn(batch, dim, device=DEVICE)
         runs[("forward", dim)] = lambda c=conditioner, u=u: c(u)
         runs[("recur", dim)] = lambda c=conditioner, u=u: c.recur(u, push)
     with torch.no_grad():
-        ms = interleaved_medians(runs, max(5, repeats // 2))
+        ms = interleaved_medians(runs, max(5, repeats // 2), DEVICE)
     print(f"{'D':>6s} {'forward ms':>11s} {'recur ms':>10s}")
     for dim in dims:
-        print(f"{dim:6d} {ms[('forward', dim)]:11.1f} {ms[('recur', dim)]:10.1f}")
+        print(f"{dim:6d} {ms[('forward', dim)]:11.2f} {ms[('recur', dim)]:10.2f}")
     print(
         f"time(4096) / time(1024): forward {ms[('forward', 4096)] / ms[('forward', 1024)]:.2f}, "
         f"recur {ms[('recur', 4096)] / ms[('recur', 1024)]:.2f} (linear growth = 4)"
     )
+    if torch.device(DEVICE).type == "cuda":
+        eager = LSTMConditioner(4096, hidden_size=64).to(DEVICE)
+        eager.use_cuda_graphs = False
+        u = torch.randn(batch, 4096, device=DEVICE)
+        with torch.no_grad():
+            eager_ms = median_ms(lambda: eager.recur(u, push), 3)
+        print(
+            f"recur at D=4096 without CUDA graphs: {eager_ms:.1f} ms "
+            f"({1000 * eager_ms / 4096:.0f} us a step); with them {ms[('recur', 4096)]:.1f} ms"
+        )
 
 
 def main() -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit-steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    DEVICE = args.device
     torch.manual_seed(args.seed)
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in open("/proc/cpuinfo")
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if os.path.exists("/proc/cpuinfo")
-        else platform.processor()
-    )
-    print(
-        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
-    parallel_table(4 * args.repeats)  # cheap per call, and the most sensitive to noise
+    print(describe_machine(DEVICE))
+    batches = [BATCH] if torch.device(DEVICE).type == "cpu" else [BATCH, 16 * BATCH]
+    for batch in batches:  # cheap per call, and the most sensitive to noise: more repeats
+        parallel_table(4 * args.repeats, batch)
     sequential_table(args.fit_steps, args.repeats)
+    for batch in batches:
+        scale_map_table(4 * args.repeats, batch)
     lstm_table(args.repeats)
 
 

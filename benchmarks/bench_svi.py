@@ -1,6 +1,6 @@
 """Time per SVI step (Trace_ELBO, one particle) of flow guides against Pyro's.
 
-    python benchmarks/bench_svi.py
+    python benchmarks/bench_svi.py [--device cuda] [--no-validation]
 
 1. A 100-dimensional latent model (Bayesian logistic regression, 100 weights, 1000 points):
    ``AutoARFlow("iaf")`` against Pyro's ``AutoIAFNormal`` at the same hidden sizes and number
@@ -9,7 +9,9 @@
    ``AutoNormal`` and ``AutoLowRankMultivariateNormal``.
 
 Guides take turns step by step, in a rotating order; medians are printed with ratios,
-nothing is asserted.
+nothing is asserted. On a GPU (``--device cuda``) the model's data and every guide live there
+(``torch.set_default_device``, so that Pyro's ``AutoIAFNormal`` builds its flow there too).
+Pyro's validation is on unless ``--no-validation`` is given.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from functools import partial
 import pyro
 import pyro.distributions as dist
 import torch
-from _timing import interleaved_medians
+from _timing import describe_machine, interleaved_medians
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoLowRankMultivariateNormal, AutoNormal
 from pyro.optim import Adam
@@ -44,7 +46,11 @@ def local_level(series: torch.Tensor) -> None:
 
 
 def ms_per_step(
-    model: Callable, guides: dict[str, Callable[[], object]], data: tuple, steps: int
+    model: Callable,
+    guides: dict[str, Callable[[], object]],
+    data: tuple,
+    steps: int,
+    device: str,
 ) -> dict[str, float]:
     """Median ms of one SVI step for each guide, the guides stepping in turn.
 
@@ -56,7 +62,7 @@ def ms_per_step(
         for name, make_guide in guides.items()
     }
     return interleaved_medians(
-        {name: partial(svi.step, *data) for name, svi in svis.items()}, steps
+        {name: partial(svi.step, *data) for name, svi in svis.items()}, steps, device
     )
 
 
@@ -72,9 +78,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--no-validation", action="store_true", help="pyro.enable_validation(False)"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} threads")
+    torch.set_default_device(args.device)
+    pyro.enable_validation(not args.no_validation)
+    print(f"{describe_machine(args.device)}, pyro {pyro.__version__}")
+    print(f"Pyro validation {'off' if args.no_validation else 'on'}")
 
     features = torch.randn(1000, 100)
     labels = torch.bernoulli(torch.sigmoid(features @ (0.3 * torch.randn(100))))
@@ -92,6 +105,7 @@ def main() -> None:
         },
         (features, labels),
         args.steps,
+        args.device,
     )
     report(
         "100-dimensional latent (logistic regression)",
@@ -113,6 +127,7 @@ def main() -> None:
         },
         (series,),
         max(5, args.steps // 4),
+        args.device,
     )
     report("2,000-step latent time series (local level)", results, "AutoNormal")
 

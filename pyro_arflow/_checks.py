@@ -67,9 +67,12 @@ def check_keywords(target: Callable, given: Iterable[str], what: str, skip: int 
             )
 
 
-def check_event(value: Any, size: int, name: str, like: Tensor | None = None) -> None:
+def check_event(
+    value: Any, size: int, name: str, like: Tensor | None = None, finite: bool = True
+) -> None:
     """``ValueError`` unless ``value`` is a tensor of shape ``(..., size)``, of the dtype and on
-    the device of ``like`` (a parameter of the network that will read it), all finite."""
+    the device of ``like`` (a parameter of the network that will read it), and (if ``finite``)
+    all finite."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() == 0 or value.shape[-1] != size:
@@ -84,10 +87,13 @@ def check_event(value: Any, size: int, name: str, like: Tensor | None = None) ->
             raise ValueError(
                 f"{name} is on {value.device} but the network's parameters are on {like.device}"
             )
-    check_finite(value, lambda: f"{name} has non-finite entries (nan or inf)")
+    if finite:
+        check_finite(value, lambda: f"{name} has non-finite entries (nan or inf)")
 
 
-def check_context(context: Any, context_dim: int | None, like: Tensor | None = None) -> None:
+def check_context(
+    context: Any, context_dim: int | None, like: Tensor | None = None, finite: bool = True
+) -> None:
     """``ValueError`` unless a context is given exactly when the network expects one."""
     if context_dim is None:
         if context is not None:
@@ -95,7 +101,7 @@ def check_context(context: Any, context_dim: int | None, like: Tensor | None = N
         return
     if context is None:
         raise ValueError(f"this network expects a context of shape (..., {context_dim}), got None")
-    check_event(context, context_dim, "context", like)
+    check_event(context, context_dim, "context", like, finite)
 
 
 def check_finite(value: Tensor, message: Message) -> None:
@@ -112,7 +118,8 @@ def check_finite(value: Tensor, message: Message) -> None:
     if torch.cuda.is_current_stream_capturing():
         return
     _raise_landed_failures()
-    flag = torch.isfinite(value).all().to("cpu", non_blocking=True)
+    flag = torch.empty((), dtype=torch.bool, pin_memory=True)  # pinned: the copy is async
+    flag.copy_(torch.isfinite(value).all(), non_blocking=True)
     landed = torch.cuda.Event()
     landed.record()
     _PENDING.append((flag, landed, message))

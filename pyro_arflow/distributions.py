@@ -18,6 +18,7 @@ import torch
 from pyro.distributions import Normal, TorchDistribution, TransformedDistribution, constraints
 from torch import Size, Tensor
 
+from ._checks import check_finite
 from .conditioners import Conditioner
 from .scales import ScaleMap, make_scale_map
 from .transforms import MAF, ConditionalMAF, ConditionedAffineAutoregressive
@@ -72,6 +73,7 @@ class GaussianAutoregressive(TorchDistribution):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
+        check_finite(value, lambda: "value has non-finite entries (nan or inf)")
         loc, raw_scale = self.conditioner(value, self.context)
         scale, log_scale = self.scale_map(raw_scale)
         z = (value - loc) / scale

@@ -185,7 +185,9 @@ class AutoARFlow(AutoContinuous):
             transform = self.get_transform()
             loc = self.loc
             generator = torch.Generator().manual_seed(seed)
-            z = torch.randn(num_samples, self.latent_dim, generator=generator, dtype=loc.dtype)
+            z = torch.randn(
+                num_samples, self.latent_dim, generator=generator, dtype=loc.dtype, device="cpu"
+            )
             latent = transform(z.to(loc.device))
         marginal = torch.quantile(latent, levels.to(latent), dim=0)
         per_level = [self._constrain(row) for row in marginal]

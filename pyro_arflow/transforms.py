@@ -29,6 +29,7 @@ nothing, and with ``cache_size=1`` (the default) the pair also answers ``t(x)`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from .scales import ScaleMap, make_scale_map
 
 __all__ = [
     "AffineAutoregressive",
+    "AffineSolve",
     "ConditionalAffineAutoregressive",
     "ConditionalIAF",
     "ConditionalMAF",
@@ -110,8 +112,22 @@ class _LastPair:
         return state
 
 
+@dataclass(frozen=True)
+class AffineSolve:
+    r"""One position of the sequential solve: :math:`y = \mu + \sigma w` (``forward``) or
+    :math:`x = (w - \mu) / \sigma`, :math:`\sigma` from ``scale_map``. A value, so that equal
+    solves are one key of a conditioner's CUDA graphs."""
+
+    scale_map: ScaleMap
+    forward: bool
+
+    def __call__(self, loc: Tensor, raw_scale: Tensor, w: Tensor) -> Tensor:
+        scale = self.scale_map(raw_scale)[0]
+        return torch.addcmul(loc, scale, w) if self.forward else (w - loc) / scale
+
+
 class _AffineArithmetic(_LastPair):
-    """The map :math:`y = \\mu + \\sigma x` and its inverse, shared by every layer class.
+    r"""The map :math:`y = \mu + \sigma x` and its inverse, shared by every layer class.
 
     Concrete classes set ``conditioner``, ``scale_map``, ``reads_output`` and ``context``.
     """
@@ -134,32 +150,38 @@ class _AffineArithmetic(_LastPair):
         return self._transform(y, forward=False)
 
     def _log_det(self, x: Tensor, y: Tensor) -> Tensor:
-        _, raw_scale = self.conditioner(y if self.reads_output else x, self.context)
-        return self.scale_map(raw_scale)[1].sum(-1)
+        value = y if self.reads_output else x
+        _, raw_scale = self.conditioner(value, self.context)
+        log_det = self.scale_map(raw_scale)[1].sum(-1)
+        check_finite(log_det, lambda: self._non_finite_message(value, "log-determinant"))
+        return log_det
 
     def _transform(self, value: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
         r""":math:`y = \mu + \sigma x` (``forward``) or :math:`x = (y - \mu) / \sigma`, and
-        :math:`\sum_i \log \sigma_i`; in one pass when the network reads ``value``."""
+        :math:`\sum_i \log \sigma_i`; in one pass when the network reads ``value``.
+
+        One finiteness check, on the result: a non-finite input or context makes it
+        non-finite too, and the message then says which of them, or the parameters, or an
+        overflow, was the cause.
+        """
         if forward != self.reads_output:
             loc, raw_scale = self.conditioner(value, self.context)
             scale, log_scale = self.scale_map(raw_scale)
             result = torch.addcmul(loc, scale, value) if forward else (value - loc) / scale
-            sequential = False
+            direction = "one-pass direction"
         else:
-
-            def solve(loc: Tensor, raw_scale: Tensor, w: Tensor) -> Tensor:
-                scale = self.scale_map(raw_scale)[0]
-                return torch.addcmul(loc, scale, w) if forward else (w - loc) / scale
-
+            solve = AffineSolve(self.scale_map, forward)
             result, _, raw_scale = self.conditioner.recur(value, solve, self.context)
             log_scale = self.scale_map(raw_scale)[1]
-            sequential = True
-        log_det = log_scale.sum(-1)
-        check_finite(result, lambda: self._non_finite_message(result, sequential))
-        return result, log_det
+            direction = "sequential direction"
+        check_finite(result, lambda: self._non_finite_message(value, direction))
+        return result, log_scale.sum(-1)
 
-    def _non_finite_message(self, result: Tensor, sequential: bool) -> str:
+    def _non_finite_message(self, value: Tensor, what: str) -> str:
         name = f"{type(self).__name__} layer (input_dim={self.conditioner.input_dim})"
+        for given, label in ((value, "input"), (self.context, "context")):
+            if given is not None and not bool(torch.isfinite(given).all()):
+                return f"the {name} got an {label} with non-finite entries (nan or inf)"
         diverged = [
             parameter_name
             for parameter_name, parameter in self.conditioner.named_parameters()
@@ -171,11 +193,9 @@ class _AffineArithmetic(_LastPair):
                 "diverged. Lower the learning rate or clip the gradients, e.g. "
                 "pyro.optim.ClippedAdam({'lr': 1e-3, 'clip_norm': 10.0})"
             )
-        direction = "sequential" if sequential else "one-pass"
         return (
-            f"the {name} produced non-finite values in its {direction} direction from a finite "
-            f"input: its output overflows {result.dtype}; use float64, or inputs of a smaller "
-            "scale"
+            f"the {name} produced non-finite values in its {what} from a finite input: they "
+            f"overflow {value.dtype}; use float64, or inputs of a smaller scale"
         )
 
 
@@ -352,7 +372,7 @@ class Permutation(_LastPair, TransformModule):
 
     def __init__(self, permutation: Tensor, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
-        permutation = resolve_order(len(permutation), permutation)
+        permutation = resolve_order(len(permutation), permutation).to(torch.empty(0).device)
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +14,10 @@ import torch
 from torch import Tensor, nn
 
 import pyro_arflow as af
+
+if os.environ.get("PYRO_ARFLOW_TEST_DEVICE"):  # e.g. cuda: the whole suite on that device
+    torch.set_default_device(os.environ["PYRO_ARFLOW_TEST_DEVICE"])
+DEVICE = torch.empty(0).device
 
 CONTEXT_DIM = 3
 LAYER_KINDS = ["iaf", "maf"]
@@ -25,8 +30,10 @@ def perturb(module: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in module.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
-            parameter.add_(std * noise.to(parameter.dtype))
+            noise = torch.randn(
+                parameter.shape, generator=generator, dtype=torch.float64, device="cpu"
+            )
+            parameter.add_(std * noise.to(parameter))
     return module
 
 
@@ -52,7 +59,10 @@ def make_layer(
     if not conditional:
         return module, module, None
     generator = torch.Generator().manual_seed(seed + 1)
-    context = torch.randn(batch_shape + (CONTEXT_DIM,), generator=generator, dtype=dtype)
+    context = torch.randn(
+        batch_shape + (CONTEXT_DIM,), generator=generator, dtype=dtype, device="cpu"
+    )
+    context = context.to(DEVICE)
     return module, module.condition(context), context
 
 

@@ -272,3 +272,37 @@ def test_inputs_of_another_dtype_or_with_a_stray_context_raise(name):
     assert loc.shape == raw.shape == (0, 4)
     u, loc, raw = conditioner.recur(torch.randn(2, 0, 4), push, torch.randn(2))
     assert u.shape == loc.shape == raw.shape == (2, 0, 4)
+
+
+def test_masked_weights_kept_without_autograd_follow_every_update():
+    layer = MaskedLinear(4, 3)
+    layer.set_mask((torch.rand(3, 4) > 0.5).float())
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        first = layer(x)
+        torch.testing.assert_close(first, layer(x.clone()), atol=0, rtol=0)
+        assert layer._masked_weight is not None  # kept for the next call
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()  # with autograd: the product is taken afresh
+    optimizer.step()  # an in-place update
+    with torch.no_grad():
+        expected = x @ (layer.weight * (layer.mask_t.t() != 0)).t() + layer.bias
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
+        layer.affine.copy_(torch.randn_like(layer.affine))  # as load_state_dict does
+        expected = x @ (layer.weight * (layer.mask_t.t() != 0)).t() + layer.bias
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
+
+
+def test_output_gain_default_and_override():
+    assert MaskedConditioner(4, [64]).output.gain == 0.125  # 8 / 64
+    assert MaskedConditioner(4, [6]).output.gain == 1.0  # small layers keep gain 1
+    assert MaskedConditioner(500).output.gain == 2.0**-8  # 8 / 1501, rounded to a power of 2
+    plain = perturb(MaskedConditioner(4, [16], output_gain=1.0).double())
+    u = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        hidden = plain.activation(plain.hidden[0](u))
+        loc = hidden @ (plain.output.weight[:4] * (plain.output.mask_t.t()[:4] != 0)).t()
+    torch.testing.assert_close(plain(u)[0], loc + plain.output.bias[:4], atol=1e-12, rtol=0)
+    for bad in (0.0, float("inf"), "1", True):
+        with pytest.raises(ValueError, match="output_gain must be a"):
+            MaskedConditioner(4, output_gain=bad)

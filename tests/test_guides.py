@@ -11,7 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import load_example
+from conftest import DEVICE, load_example
 from pyro.infer import (
     SVI,
     JitTrace_ELBO,
@@ -45,6 +45,10 @@ class ConjugateGaussian:
     """z ~ N(0, I_10), x | z ~ N(A z, 0.5^2 I): posterior and evidence in closed form."""
 
     def __init__(self, dim: int = 10, shared: float = 0.3, sigma: float = 0.5) -> None:
+        with torch.device("cpu"):  # seeded draws, whatever the default device
+            self._build(dim, shared, sigma)
+
+    def _build(self, dim: int, shared: float, sigma: float) -> None:
         g = torch.Generator().manual_seed(1)
         a = torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
         a = a + shared * torch.randn(dim, 1, generator=g, dtype=torch.float64)  # correlation
@@ -61,7 +65,8 @@ class ConjugateGaussian:
         )
         # the best fully factorized Gaussian misses KL = (sum log diag(P) - log det P) / 2
         self.mean_field_gap = 0.5 * (precision.diag().log().sum() - torch.logdet(precision)).item()
-        self.a, self.x, self.sigma, self.dim = a.float(), x.float(), sigma, dim
+        self.a, self.x = a.float().to(DEVICE), x.float().to(DEVICE)
+        self.sigma, self.dim = sigma, dim
 
     def __call__(self) -> None:
         z = pyro.sample("z", dist.Normal(torch.zeros(self.dim), 1.0).to_event(1))
@@ -399,12 +404,14 @@ def test_a_module_holding_a_flow_prior_traces():
 def stochastic_volatility_model():
     """The centered stochastic-volatility model of the main example, on 500 simulated returns."""
     path = load_example("_common").AR1Path
-    generator = torch.Generator().manual_seed(1)
-    log_vol = torch.empty(500)
-    log_vol[0] = -1 + 0.25 / math.sqrt(1 - 0.95**2) * torch.randn((), generator=generator)
+    with torch.device("cpu"):  # seeded draws, whatever the default device
+        generator = torch.Generator().manual_seed(1)
+        noise = torch.randn(1001, generator=generator)
+    log_vol = torch.empty(500, device="cpu")
+    log_vol[0] = -1 + 0.25 / math.sqrt(1 - 0.95**2) * noise[0]
     for t in range(1, 500):
-        log_vol[t] = -1 + 0.95 * (log_vol[t - 1] + 1) + 0.25 * torch.randn((), generator=generator)
-    returns = torch.exp(log_vol / 2) * torch.randn(500, generator=generator)
+        log_vol[t] = -1 + 0.95 * (log_vol[t - 1] + 1) + 0.25 * noise[t]
+    returns = (torch.exp(log_vol / 2) * noise[501:]).to(DEVICE)
 
     def model():
         persistence = pyro.sample("persistence", dist.Uniform(-1.0, 1.0))

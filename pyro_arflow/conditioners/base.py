@@ -13,12 +13,14 @@ context vector. It offers the two directions a Gaussian autoregressive layer nee
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_context, check_event, check_positive_int
+from .._graphs import SolveGraphs
 
 __all__ = ["Conditioner", "Ordering", "Solve", "layer_orders", "resolve_order"]
 
@@ -40,23 +42,28 @@ def resolve_order(input_dim: int, ordering: Ordering = "natural", seed: int = 0)
     """
     if isinstance(ordering, str):
         if ordering == "natural":
-            return torch.arange(input_dim)
+            return torch.arange(input_dim, device="cpu")
         if ordering == "reversed":
-            return torch.arange(input_dim - 1, -1, -1)
+            return torch.arange(input_dim - 1, -1, -1, device="cpu")
         if ordering == "random":
-            return torch.randperm(input_dim, generator=torch.Generator().manual_seed(seed))
+            generator = torch.Generator().manual_seed(seed)
+            return torch.randperm(input_dim, generator=generator, device="cpu")
         raise ValueError(
             f"unknown ordering {ordering!r}; expected one of {ORDER_NAMES} "
             "or a permutation of range(input_dim)"
         )
-    given = ordering if isinstance(ordering, Tensor) else torch.tensor(list(ordering))
+    given = (
+        ordering.cpu()
+        if isinstance(ordering, Tensor)
+        else torch.tensor(list(ordering), device="cpu")
+    )
     if given.dim() != 1 or given.dtype in (torch.bool, torch.uint8) or given.is_floating_point():
         raise ValueError(
             f"an explicit ordering must be a 1-D sequence of integers, got {given.dim()}-D "
             f"{given.dtype} {ordering!r}"
         )
     order = given.to(torch.long)
-    if not torch.equal(order.sort().values, torch.arange(input_dim)):
+    if not torch.equal(order.sort().values, torch.arange(input_dim, device="cpu")):
         raise ValueError(
             f"an explicit ordering must be a permutation of range({input_dim}), "
             f"got {order.tolist()}"
@@ -70,12 +77,12 @@ def layer_orders(input_dim: int, num_layers: int, permutation: str, seed: int) -
     if permutation not in ("reversed", "random"):
         raise ValueError(f"permutation must be 'reversed' or 'random', got {permutation!r}")
     generator = torch.Generator().manual_seed(seed)
-    orders = [torch.arange(input_dim)]
+    orders = [torch.arange(input_dim, device="cpu")]
     for _ in range(num_layers - 1):
         if permutation == "reversed":
             orders.append(orders[-1].flip(0))
         else:
-            orders.append(torch.randperm(input_dim, generator=generator))
+            orders.append(torch.randperm(input_dim, generator=generator, device="cpu"))
     return orders
 
 
@@ -87,8 +94,9 @@ class Conditioner(nn.Module):
     """Base class: an autoregressive network over ``input_dim`` positions in a fixed order.
 
     Subclasses implement ``_forward`` and ``_recur`` on flattened ``(B, D)`` inputs; this class
-    validates inputs (shape, dtype, device, finiteness), broadcasts the context against the
-    batch and restores batch shapes (empty batches included).
+    validates inputs (shape, dtype, device), broadcasts the context against the batch and
+    restores batch shapes (empty batches included). Finiteness is left to the caller, which
+    checks what it computes (one check per layer call, on its output).
 
     Attributes:
         input_dim: ``D``.
@@ -96,7 +104,11 @@ class Conditioner(nn.Module):
         order: buffer, ``order[t]`` = the position processed ``t``-th; saved in the state dict,
             and everything derived from it is rebuilt when a state dict is loaded.
         rank: the inverse permutation, ``rank[i]`` = when position ``i`` is processed.
+        use_cuda_graphs: whether ``recur`` may replay CUDA graphs (default ``True``; they
+            never change results, so this is for profiling and debugging).
     """
+
+    use_cuda_graphs: bool = True
 
     order: Tensor
     rank: Tensor
@@ -113,9 +125,12 @@ class Conditioner(nn.Module):
         if context_dim is not None:
             check_positive_int(context_dim, "context_dim")
         self.context_dim = context_dim
-        self.register_buffer("order", resolve_order(input_dim, ordering, seed))
+        # computed on the CPU, held where the module's tensors are created (the default device)
+        order = resolve_order(input_dim, ordering, seed).to(torch.empty(0).device)
+        self.register_buffer("order", order)
         self.register_buffer("rank", torch.argsort(self.order), persistent=False)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
+        self._solve_graphs = SolveGraphs()
 
     def _order_loaded(self) -> None:
         """Rebuild what depends on ``order`` after a state dict replaced it."""
@@ -133,14 +148,31 @@ class Conditioner(nn.Module):
         """Solve ``u_i = solve(loc_i, raw_i, w_i)`` position by position in the order.
 
         Returns ``(u, loc, raw_scale)``, where ``(loc, raw_scale) = forward(u, context)``.
+        On CUDA, outside autograd, a repeated solve is replayed as a CUDA graph (see
+        :mod:`pyro_arflow._graphs`); ``solve`` is then part of the graph's key, so pass the
+        same (hashable) object each time to benefit.
         """
         w2, context2, batch_shape = self._flatten(w, context)
-        u, loc, raw = self._recur(w2, solve, context2)
+        graphable = self.use_cuda_graphs and not self._tracks_grad(w2, context2)
+        if graphable and self._solve_graphs.applicable(w2):
+            u, loc, raw = self._solve_graphs.run(
+                self, solve, lambda w, c: self._recur(w, solve, c), w2, context2
+            )
+        else:
+            u, loc, raw = self._recur(w2, solve, context2)
         return (
             self._unflatten(u, batch_shape),
             self._unflatten(loc, batch_shape),
             self._unflatten(raw, batch_shape),
         )
+
+    def _tracks_grad(self, *inputs: Tensor | None) -> bool:
+        """Whether autograd records a call on ``inputs``: some input or parameter needs a
+        gradient while gradients are on."""
+        if not torch.is_grad_enabled():
+            return False
+        tensors = itertools.chain(self.parameters(), (t for t in inputs if t is not None))
+        return any(t.requires_grad for t in tensors)
 
     def _forward(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -154,8 +186,8 @@ class Conditioner(nn.Module):
         self, u: Tensor, context: Tensor | None
     ) -> tuple[Tensor, Tensor | None, torch.Size]:
         like = next(self.parameters())
-        check_event(u, self.input_dim, "input", like)
-        check_context(context, self.context_dim, like)
+        check_event(u, self.input_dim, "input", like, finite=False)
+        check_context(context, self.context_dim, like, finite=False)
         batch_shape = u.shape[:-1]
         if context is not None:
             try:

@@ -109,7 +109,8 @@ class LSTMConditioner(Conditioner):
             ]
             for k in range(self.num_layers)
         ]
-        head_weight, head_bias = self.head.weight, self.head.bias
+        head_weight = self.head.weight.t()
+        biases = self.head.bias + self.position_bias  # (D, 1, 2): one add, not one a step
         value = self.start_value.expand(batch, 1)
         values, params = [], []
         for t in range(self.input_dim):
@@ -117,7 +118,7 @@ class LSTMConditioner(Conditioner):
             for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
                 states[layer] = torch.lstm_cell(x, states[layer], w_ih, w_hh, b_ih, b_hh)
                 x = states[layer][0]
-            step_params = torch.addmm(head_bias + self.position_bias[t], x, head_weight.t())
+            step_params = torch.addmm(biases[t], x, head_weight)
             value = solve(step_params[:, :1], step_params[:, 1:], w_ordered[t, :, None])
             values.append(value)
             params.append(step_params)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,7 @@ class MaskedLinear(nn.Module):
         self.register_buffer(
             "mask_t", torch.full((in_features, out_features), gain), persistent=False
         )
+        self._masked_weight: tuple[tuple[int, ...], Tensor] | None = None
 
     def set_mask(self, mask: Tensor) -> None:
         """Set the 0/1 connectivity, shape ``(out_features, in_features)``."""
@@ -90,10 +92,32 @@ class MaskedLinear(nn.Module):
     def masked_affine(self) -> tuple[Tensor, Tensor]:
         r""":math:`((W \odot M)^\top, b)`, shapes ``(in, out)`` and ``(1, out)``.
 
-        One split of ``affine``, so its backward pass is a single copy.
+        One split of ``affine``, so its backward pass is a single copy. Without autograd the
+        masked weight is kept until ``affine`` or the mask changes (their version counters
+        and addresses tell), so inference and sampling skip the product; inside a CUDA-graph
+        capture or a JIT trace it is always recomputed, so that replays see updated weights.
         """
         weight_t, bias = self.affine.split([self.in_features, 1])
-        return weight_t * self.mask_t, bias
+        if (
+            (torch.is_grad_enabled() and self.affine.requires_grad)
+            or torch.jit.is_tracing()
+            or (self.affine.is_cuda and torch.cuda.is_current_stream_capturing())
+        ):
+            return weight_t * self.mask_t, bias
+        key = (
+            self.affine._version,
+            self.affine.data_ptr(),
+            self.mask_t._version,
+            self.mask_t.data_ptr(),
+        )
+        if self._masked_weight is None or self._masked_weight[0] != key:
+            self._masked_weight = (key, weight_t * self.mask_t)
+        return self._masked_weight[1], bias
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ gives __dict__ itself
+        state["_masked_weight"] = None
+        return state
 
     def forward(self, x: Tensor) -> Tensor:
         weight_t, bias = self.masked_affine()
@@ -103,7 +127,7 @@ class MaskedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, gain={self.gain}"
 
 
-def output_gain(fan_in: int) -> float:
+def default_output_gain(fan_in: int) -> float:
     """The gain of an output layer reading ``fan_in`` units: ``min(1, 8 / fan_in)`` rounded to
     a power of two, which every floating dtype holds exactly (see :class:`MaskedConditioner`)."""
     return 2.0 ** -max(0, round(math.log2(fan_in / 8)))
@@ -114,7 +138,7 @@ def hidden_degrees(input_dim: int, width: int) -> Tensor:
 
     With ``width >= D - 1`` every degree occurs, which is what keeps every dependency.
     """
-    return torch.arange(width) * max(input_dim - 1, 1) // width
+    return torch.arange(width, device="cpu") * max(input_dim - 1, 1) // width
 
 
 def _build_activation(activation: type[nn.Module] | nn.Module) -> nn.Module:
@@ -148,19 +172,23 @@ class MaskedConditioner(Conditioner):
             ``inplace=True``: it only ever sees pre-activations this network just computed, so
             overwriting them is safe and saves one activation-sized tensor per layer.
         recur_method: ``"incremental"`` (default) or ``"passes"``; see the module docstring.
+        output_gain: the multiplier of the output layer's weights; default
+            ``min(1, 8 / fan_in)`` (below). ``1.0`` is the plain parametrization.
 
     The output layer starts at zero, so ``loc = 0`` and ``raw_scale = 0`` until trained, and
-    its weights carry the gain ``min(1, 8 / fan_in)`` (rounded to a power of two, exact in
-    every dtype): the mean-field scaling ``1 / fan_in``
-    of the output layer (Yang and Hu 2021, "Tensor Programs IV",
-    https://arxiv.org/abs/2011.14522) times 8. Adam moves every weight by about the learning
-    rate per step whatever its gradient's size, so with gain 1 one step moves each output by
-    about ``lr * fan_in * mean|h|``: at lr 1e-2, through the default 1,510 hidden units of a
-    503-dimensional guide, loc jumped by 2 in the first step and training diverged by step 14.
-    With the gain a step moves an output by about ``lr * 8 * mean|h|`` at any width; ``mean|h|``
-    is 0.04 to 0.16 at initialization, so that is about the rate of the output biases, which
-    keep gain 1 and learn like plain parameters. (With ``1 / fan_in`` alone, fitting a MAF by
-    maximum likelihood at lr 3e-3 took 600 steps to get where 150 steps got before.)
+    its weights carry the gain ``min(1, 8 / fan_in)``, rounded to a power of two (exact in
+    every dtype): the mean-field scaling ``1 / fan_in`` of an output layer (Yang and Hu 2021,
+    "Tensor Programs IV", https://arxiv.org/abs/2011.14522), times 8. Adam moves every weight
+    by about the learning rate per step whatever its gradient's size, so with gain 1 one step
+    moves each output by about ``lr * fan_in * mean|h|``: at lr 1e-2, through the default
+    1,510 hidden units of a 503-dimensional guide, loc jumped by 2 in the first step and
+    training diverged at step 14. With the gain a step moves an output by about
+    ``lr * 8 * mean|h|`` at any width (``mean|h|`` is 0.04 to 0.16 at initialization), about
+    the rate of the output biases, which keep gain 1 and learn like plain parameters. The
+    price is slower fitting at small learning rates: a MAF fitted by maximum likelihood at
+    lr 3e-3 needs about twice the steps of gain 1 (300 rather than 150 to the same loss), and
+    ``1 / fan_in`` alone needs four times. At ``64 / fan_in`` the 503-dimensional guide
+    diverged again (step 293); at ``32 / fan_in`` it held.
     """
 
     def __init__(
@@ -173,6 +201,7 @@ class MaskedConditioner(Conditioner):
         residual: bool = False,
         activation: type[nn.Module] | nn.Module = nn.ReLU,
         recur_method: str = "incremental",
+        output_gain: float | None = None,
     ) -> None:
         super().__init__(input_dim, context_dim, ordering, seed)
         if recur_method not in RECUR_METHODS:
@@ -204,11 +233,17 @@ class MaskedConditioner(Conditioner):
             MaskedLinear(fan_in, width)
             for fan_in, width in zip(widths[:-1], hidden_dims, strict=True)
         )
-        self.output = MaskedLinear(widths[-1], 2 * input_dim, gain=output_gain(widths[-1]))
+        if output_gain is None:
+            output_gain = default_output_gain(widths[-1])
+        elif isinstance(output_gain, bool) or not isinstance(output_gain, (int, float)):
+            raise ValueError(f"output_gain must be a number > 0, got {output_gain!r}")
+        elif not (math.isfinite(output_gain) and output_gain > 0):
+            raise ValueError(f"output_gain must be a finite number > 0, got {output_gain!r}")
+        self.output = MaskedLinear(widths[-1], 2 * input_dim, gain=float(output_gain))
         nn.init.zeros_(self.output.affine)
         # units_through[l][d + 1] = how many units of layer l (0 = the inputs, in order) have
         # degree <= d, for d = -1 .. D-1: the prefix the incremental solve reads.
-        thresholds = torch.arange(-1, input_dim)
+        thresholds = torch.arange(-1, input_dim, device="cpu")
         self._units_through = [list(range(input_dim + 1))] + [
             torch.searchsorted(hidden_degrees(input_dim, width), thresholds, right=True).tolist()
             for width in hidden_dims
@@ -229,12 +264,13 @@ class MaskedConditioner(Conditioner):
             degrees = hidden_degrees(self.input_dim, layer.out_features)
             mask = (in_degrees[None, :] <= degrees[:, None]).float()
             if index == 0:
-                mask = torch.cat([mask, torch.ones(len(degrees), context_width)], dim=1)
+                context_mask = torch.ones(len(degrees), context_width, device="cpu")
+                mask = torch.cat([mask, context_mask], dim=1)
             layer.set_mask(mask)
             in_degrees = degrees
         mask = (in_degrees[None, :] < rank[:, None]).float().repeat(2, 1)
         if not self.hidden_dims:
-            mask = torch.cat([mask, torch.ones(2 * self.input_dim, context_width)], 1)
+            mask = torch.cat([mask, torch.ones(2 * self.input_dim, context_width, device="cpu")], 1)
         self.output.set_mask(mask)
 
     def _forward(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -250,7 +286,9 @@ class MaskedConditioner(Conditioner):
     ) -> tuple[Tensor, Tensor, Tensor]:
         if self.recur_method == "passes":
             return self._recur_by_passes(w, solve, context)
-        return self._recur_incrementally(w, solve, context)
+        if self._tracks_grad(w, context) or torch.jit.is_tracing():
+            return self._recur_incrementally(w, solve, context)
+        return self._recur_incrementally_in_place(w, solve, context)
 
     def _recur_by_passes(
         self, w: Tensor, solve: Solve, context: Tensor | None
@@ -317,6 +355,44 @@ class MaskedConditioner(Conditioner):
             params.append(step)
         u = known[0][self.rank].t()
         loc, raw = torch.stack(params)[self.rank].permute(1, 2, 0)
+        return u, loc, raw
+
+    def _recur_incrementally_in_place(
+        self, w: Tensor, solve: Solve, context: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The incremental solve without autograd: every block is written into preallocated
+        activations, where the autograd version appends it (``cat`` copies the prefix, so
+        that version moves O(D x width x batch) memory per layer on top of the arithmetic)."""
+        batch, dim = w.shape
+        w_ordered = w.t()[self.order]
+        *hidden, (out_weight, out_offset) = self._ordered_layers(context)
+        known = [w.new_empty(dim, batch)] + [w.new_empty(h, batch) for h in self.hidden_dims]
+        params = w.new_empty(dim, 2, batch)
+        through = self._units_through
+        for t in range(dim):
+            if t > 0:  # the units of degree t - 1 are final now: compute each block once
+                for layer, (weight, offset) in enumerate(hidden, start=1):
+                    start, end = through[layer][t - 1], through[layer][t]
+                    if start == end:
+                        continue
+                    count = through[layer - 1][t]
+                    block = known[layer][start:end]
+                    torch.addmm(
+                        offset[start:end],
+                        weight[start:end, :count],
+                        known[layer - 1][:count],
+                        out=block,
+                    )
+                    activated = self.activation(block)
+                    if self.residual and layer > 1:
+                        torch.add(activated, known[layer - 1][start:end], out=block)
+                    elif activated is not block:
+                        block.copy_(activated)
+            count = through[-1][t]
+            torch.addmm(out_offset[t], out_weight[t, :, :count], known[-1][:count], out=params[t])
+            known[0][t] = solve(params[t, 0], params[t, 1], w_ordered[t])
+        u = known[0][self.rank].t()
+        loc, raw = params[self.rank].permute(1, 2, 0)
         return u, loc, raw
 
     def extra_repr(self) -> str:
