@@ -45,7 +45,8 @@ LATENT, CONTEXT, HIDDEN, PIXELS, TRAIN, BATCH = 8, 16, 128, 64, 1500, 128
 def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.tensor(load_digits().data, dtype=torch.float32)
     binary = (images > 8).float()
-    order = torch.randperm(len(binary), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(binary), generator=generator, device="cpu")
     return binary[order[:TRAIN]], binary[order[TRAIN:]]
 
 

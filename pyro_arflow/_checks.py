@@ -3,9 +3,10 @@
 Shape, dtype and device checks are free and always on. The finiteness check follows Pyro's
 validation switch (``pyro.enable_validation``, on by default) and stays out of JIT traces and
 CUDA-graph captures. On the CPU it reads one reduction back at once. On CUDA it never blocks
-the host: the flag is copied back asynchronously and read at the next check whose copy has
-landed, so a non-finite value is reported (with the message of the call that produced it) one
-or more calls later, without a host synchronization per layer.
+the host: each check writes one number into a device buffer, which is copied back
+asynchronously every few checks and read once the copy has landed, so a non-finite value is
+reported (with the message of the call that produced it) some calls later, without a host
+synchronization per layer; ``flush_finite_checks()`` waits for all of them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -107,7 +107,8 @@ def check_context(
 def check_finite(value: Tensor, message: Message) -> None:
     """Under validation, ``ValueError(message())`` when ``value`` has a nan or inf entry.
 
-    On CUDA the error may surface at a later check (see the module docstring).
+    On CUDA the error may surface at a later check (see the module docstring); ``message``
+    is then called later too, so it should hold no large tensor (a ``weakref`` to one is fine).
     """
     if not is_validation_enabled() or torch.jit.is_tracing() or value.numel() == 0:
         return
@@ -117,31 +118,85 @@ def check_finite(value: Tensor, message: Message) -> None:
         return
     if torch.cuda.is_current_stream_capturing():
         return
-    _raise_landed_failures()
-    flag = torch.empty((), dtype=torch.bool, pin_memory=True)  # pinned: the copy is async
-    flag.copy_(torch.isfinite(value).all(), non_blocking=True)
-    landed = torch.cuda.Event()
-    landed.record()
-    _PENDING.append((flag, landed, message))
+    checks = _DEFERRED.get(value.device)
+    if checks is None:
+        checks = _DEFERRED[value.device] = _DeferredChecks(value.device)
+    checks.add(value, message)
 
 
 def flush_finite_checks() -> None:
     """Wait for every deferred (CUDA) finiteness check and raise for the first that failed."""
-    for _, landed, _ in _PENDING:
-        landed.synchronize()
-    _raise_landed_failures()
+    for checks in _DEFERRED.values():
+        checks.flush()
 
 
-_PENDING: deque[tuple[Tensor, Any, Message]] = deque()
-"""Deferred CUDA checks: (host copy of the all-finite flag, event of its copy, message)."""
+class _DeferredChecks:
+    """The deferred finiteness checks of one CUDA device.
+
+    Each check is two small kernels: the largest magnitude of the value (nan if any entry is
+    nan, inf if any is inf; a maximum cannot overflow), copied into a slot of a device buffer.
+    When a bank of ``SLOTS`` slots is full it is copied to pinned host memory without
+    blocking, and read once that copy has landed, at a later check; two banks alternate.
+    """
+
+    SLOTS = 16
+
+    def __init__(
+        self, device: torch.device, event: Callable[[], Any] = torch.cuda.Event, pin: bool = True
+    ) -> None:
+        self.event = event
+        self.slots = [torch.empty(self.SLOTS, dtype=torch.float64, device=device) for _ in "ab"]
+        self.host = [
+            torch.empty(self.SLOTS, dtype=torch.float64, device="cpu", pin_memory=pin) for _ in "ab"
+        ]
+        self.messages: list[list[Message]] = [[], []]
+        self.in_flight: list[Any] = [None, None]  # the event of each bank's copy
+        self.bank = 0
+
+    def add(self, value: Tensor, message: Message) -> None:
+        self._read(1 - self.bank, wait=False)
+        bank, index = self.bank, len(self.messages[self.bank])
+        slot = self.slots[bank][index]
+        # no autograd through a check; the norm in the value's own dtype (asking for float64
+        # would cast the whole value first), then into the slot
+        slot.copy_(torch.linalg.vector_norm(value.detach(), ord=math.inf))
+        self.messages[bank].append(message)
+        if index + 1 == self.SLOTS:
+            self._send(bank)
+
+    def flush(self) -> None:
+        if self.messages[self.bank]:
+            self._send(self.bank)
+        for bank in (0, 1):
+            self._read(bank, wait=True)
+
+    def _send(self, bank: int) -> None:
+        self._read(1 - bank, wait=True)  # its buffers are about to be reused
+        count = len(self.messages[bank])
+        self.host[bank][:count].copy_(self.slots[bank][:count], non_blocking=True)
+        landed = self.event()
+        landed.record()
+        self.in_flight[bank] = landed
+        self.bank = 1 - bank
+
+    def _read(self, bank: int, wait: bool) -> None:
+        landed = self.in_flight[bank]
+        if landed is None:
+            return
+        if not landed.query():
+            if not wait:
+                return
+            landed.synchronize()
+        messages, self.messages[bank], self.in_flight[bank] = self.messages[bank], [], None
+        finite = torch.isfinite(self.host[bank][: len(messages)])
+        if not bool(finite.all()):
+            self.messages = [[], []]  # the first failure explains the ones after it
+            self.in_flight = [None, None]
+            first = int((~finite).nonzero()[0])
+            raise ValueError(messages[first]() + " (found on the GPU by a deferred check)")
 
 
-def _raise_landed_failures() -> None:
-    while _PENDING and _PENDING[0][1].query():
-        flag, _, message = _PENDING.popleft()
-        if not bool(flag):
-            _PENDING.clear()  # the first failure explains the ones after it
-            raise ValueError(message() + " (found on the GPU by a deferred check)")
+_DEFERRED: dict[torch.device, _DeferredChecks] = {}
 
 
 def _all_finite(value: Tensor) -> bool:

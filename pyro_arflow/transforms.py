@@ -29,6 +29,8 @@ nothing, and with ``cache_size=1`` (the default) the pair also answers ``t(x)`` 
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +155,7 @@ class _AffineArithmetic(_LastPair):
         value = y if self.reads_output else x
         _, raw_scale = self.conditioner(value, self.context)
         log_det = self.scale_map(raw_scale)[1].sum(-1)
-        check_finite(log_det, lambda: self._non_finite_message(value, "log-determinant"))
+        check_finite(log_det, self._non_finite_message(value, "log-determinant"))
         return log_det
 
     def _transform(self, value: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
@@ -174,12 +176,23 @@ class _AffineArithmetic(_LastPair):
             result, _, raw_scale = self.conditioner.recur(value, solve, self.context)
             log_scale = self.scale_map(raw_scale)[1]
             direction = "sequential direction"
-        check_finite(result, lambda: self._non_finite_message(value, direction))
+        check_finite(result, self._non_finite_message(value, direction))
         return result, log_scale.sum(-1)
 
-    def _non_finite_message(self, value: Tensor, what: str) -> str:
+    def _non_finite_message(self, value: Tensor, what: str) -> Callable[[], str]:
+        """The message of a non-finite result, built only if one occurs: the input, the
+        context, diverged parameters or an overflow. It holds weak references to the tensors,
+        since a deferred check on the GPU may build it a few calls later."""
+        inputs = [(weakref.ref(value), "input")]
+        if self.context is not None:
+            inputs.append((weakref.ref(self.context), "context"))
+        dtype = value.dtype
+        return lambda: self._diagnose(inputs, what, dtype)
+
+    def _diagnose(self, inputs: list[tuple[Any, str]], what: str, dtype: torch.dtype) -> str:
         name = f"{type(self).__name__} layer (input_dim={self.conditioner.input_dim})"
-        for given, label in ((value, "input"), (self.context, "context")):
+        for reference, label in inputs:
+            given = reference()
             if given is not None and not bool(torch.isfinite(given).all()):
                 return f"the {name} got an {label} with non-finite entries (nan or inf)"
         diverged = [
@@ -195,7 +208,7 @@ class _AffineArithmetic(_LastPair):
             )
         return (
             f"the {name} produced non-finite values in its {what} from a finite input: they "
-            f"overflow {value.dtype}; use float64, or inputs of a smaller scale"
+            f"overflow {dtype}; use float64, or inputs of a smaller scale"
         )
 
 

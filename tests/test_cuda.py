@@ -105,7 +105,7 @@ def test_validation_never_synchronizes_and_still_reports():
     with torch.no_grad():
         for _ in range(3):
             layer.inv(layer(x.clone()))  # capture the inverse's graph first: capturing syncs
-    torch.cuda.synchronize()
+    flush_finite_checks()  # fewer checks follow than fill a bank: none waits for a copy
     torch.cuda.set_sync_debug_mode("error")
     try:
         y = layer(x.clone())
@@ -143,3 +143,22 @@ def test_a_guide_and_a_prior_train_on_cuda():
     sample = prior(context).sample()
     assert sample.shape == (5, 3) and sample.is_cuda
     assert torch.isfinite(prior(context).log_prob(sample)).all()
+
+
+def test_deferred_checks_name_the_failing_call_among_many():
+    layer = af.iaf(6, hidden_dims=[8]).to(CUDA)
+    flush_finite_checks()
+    x = torch.randn(32, 6, device=CUDA)
+    for call in range(100):  # several banks of deferred checks come and go
+        bad = x.clone()
+        if call == 57:
+            bad[0, 0] = float("inf")
+        try:
+            layer(bad)
+        except ValueError as error:  # a later call may already report it
+            assert "got an input with non-finite entries" in str(error)
+            break
+    else:
+        with pytest.raises(ValueError, match="got an input with non-finite entries"):
+            flush_finite_checks()
+    flush_finite_checks()  # the failure was reported once; nothing is left over

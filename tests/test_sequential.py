@@ -7,6 +7,7 @@ import torch
 from conftest import CONTEXT_DIM, perturb
 
 import pyro_arflow as af
+from pyro_arflow import _graphs
 from pyro_arflow.conditioners import MaskedConditioner
 
 
@@ -101,3 +102,41 @@ def test_incremental_solve_carries_exact_gradients():
 def test_unknown_recur_method_raises_value_error():
     with pytest.raises(ValueError, match="recur_method must be one of.*'newton'"):
         MaskedConditioner(3, recur_method="newton")
+
+
+def test_solve_graph_bookkeeping(monkeypatch):
+    """Capture on the second sight of a key, replay after; moved tensors drop the graphs.
+
+    The graph itself needs CUDA (tests/test_cuda.py); here a stand-in records what happens.
+    """
+    events = []
+
+    class RecordingGraph:
+        def __init__(self, run, inputs):
+            events.append("capture")
+            self.run = run
+
+        def replay(self, inputs):
+            events.append("replay")
+            return self.run(*inputs)
+
+    monkeypatch.setattr(_graphs, "_Graph", RecordingGraph)
+    graphs = _graphs.SolveGraphs(max_graphs=2)
+    module = torch.nn.Linear(2, 2)
+
+    def run(x, context):
+        events.append("eager")
+        return (module(x),)
+
+    x = torch.randn(3, 2)
+    for _ in range(3):
+        graphs.run(module, "solve", run, x, None)
+    assert events == ["eager", "capture", "replay", "eager", "replay", "eager"]
+    events.clear()
+    graphs.run(module, "solve", run, torch.randn(5, 2), None)  # a new shape: a new key
+    assert events == ["eager"]
+    module.double()  # new parameter tensors: every graph is stale
+    events.clear()
+    graphs.run(module, "solve", run, x.double(), None)
+    assert events == ["eager"] and not graphs._graphs
+    assert not _graphs.SolveGraphs.applicable(torch.randn(3, 2, device="cpu"))  # CUDA only

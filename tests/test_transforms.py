@@ -16,6 +16,7 @@ from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 from pyro.optim import Adam
 
 import pyro_arflow as af
+from pyro_arflow import _checks
 
 DIMS = [1, 2, 5, 17]
 BATCH_SHAPES = [(), (3,), (2, 4)]
@@ -275,3 +276,36 @@ def test_diverged_parameters_are_named_with_a_remedy():
         layer.conditioner.output.affine[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite parameters \(output.affine\).*diverged"):
         layer(torch.randn(2, 4))
+
+
+def test_deferred_check_bookkeeping_on_a_stand_in_device():
+    """The CUDA path's banks and messages, with a stand-in event (tests/test_cuda.py runs
+    the real one): a failure among many checks is named, once, whenever it lands."""
+
+    class Landed:
+        def record(self):
+            pass
+
+        def query(self):
+            return True
+
+        def synchronize(self):
+            pass
+
+    checks = _checks._DeferredChecks(torch.device("cpu"), event=Landed, pin=False)
+    value = torch.randn(4, 3, requires_grad=True)  # as a layer's output would be
+    raised = []
+    for call in range(100):
+        bad = value * 1.0
+        if call == 37:
+            bad = bad + float("nan")
+        try:
+            checks.add(bad, lambda call=call: f"call {call}")
+        except ValueError as error:
+            raised.append(str(error))
+    try:
+        checks.flush()
+    except ValueError as error:
+        raised.append(str(error))
+    assert raised == ["call 37 (found on the GPU by a deferred check)"]
+    checks.flush()  # nothing left over

@@ -166,6 +166,12 @@ class Conditioner(nn.Module):
             self._unflatten(raw, batch_shape),
         )
 
+    @property
+    def _reference(self) -> Tensor:
+        """A parameter whose dtype and device the inputs must share (subclasses name one
+        directly: walking ``parameters()`` on every call costs more than the check)."""
+        return next(self.parameters())
+
     def _tracks_grad(self, *inputs: Tensor | None) -> bool:
         """Whether autograd records a call on ``inputs``: some input or parameter needs a
         gradient while gradients are on."""
@@ -185,7 +191,7 @@ class Conditioner(nn.Module):
     def _flatten(
         self, u: Tensor, context: Tensor | None
     ) -> tuple[Tensor, Tensor | None, torch.Size]:
-        like = next(self.parameters())
+        like = self._reference
         check_event(u, self.input_dim, "input", like, finite=False)
         check_context(context, self.context_dim, like, finite=False)
         batch_shape = u.shape[:-1]

@@ -62,6 +62,10 @@ class LSTMConditioner(Conditioner):
         nn.init.zeros_(self.head.bias)
         self.position_bias = nn.Parameter(torch.zeros(input_dim, 1, 2))
 
+    @property
+    def _reference(self) -> Tensor:
+        return self.head.weight
+
     def _start_state(self, batch: int) -> tuple[Tensor, Tensor]:
         shape = (self.num_layers, batch, self.hidden_size)
         return (
@@ -110,7 +114,8 @@ class LSTMConditioner(Conditioner):
             for k in range(self.num_layers)
         ]
         head_weight = self.head.weight.t()
-        biases = self.head.bias + self.position_bias  # (D, 1, 2): one add, not one a step
+        # (D, 2): one add, not one a step; 1-D rows, so addmm adds them in its epilogue
+        biases = (self.head.bias + self.position_bias).reshape(self.input_dim, 2)
         value = self.start_value.expand(batch, 1)
         values, params = [], []
         for t in range(self.input_dim):

@@ -73,7 +73,7 @@ class MaskedLinear(nn.Module):
         self.register_buffer(
             "mask_t", torch.full((in_features, out_features), gain), persistent=False
         )
-        self._masked_weight: tuple[tuple[int, ...], Tensor] | None = None
+        self._masked_weight: tuple[tuple[int, ...], Tensor, Tensor] | None = None
 
     def set_mask(self, mask: Tensor) -> None:
         """Set the 0/1 connectivity, shape ``(out_features, in_features)``."""
@@ -90,29 +90,29 @@ class MaskedLinear(nn.Module):
         return self.affine[-1]
 
     def masked_affine(self) -> tuple[Tensor, Tensor]:
-        r""":math:`((W \odot M)^\top, b)`, shapes ``(in, out)`` and ``(1, out)``.
+        r""":math:`((W \odot M)^\top, b)`, shapes ``(in, out)`` and ``(out,)``.
 
-        One split of ``affine``, so its backward pass is a single copy. Without autograd the
+        One split of ``affine``, so its backward pass is a single copy; the bias is 1-D, which
+        lets ``addmm`` on CUDA add it in the matrix product's epilogue rather than first
+        copying it into every row of the output. Without autograd the
         masked weight is kept until ``affine`` or the mask changes (their version counters
         and addresses tell), so inference and sampling skip the product; inside a CUDA-graph
         capture or a JIT trace it is always recomputed, so that replays see updated weights.
         """
-        weight_t, bias = self.affine.split([self.in_features, 1])
+        affine, mask = self.affine, self.mask_t
         if (
-            (torch.is_grad_enabled() and self.affine.requires_grad)
+            (torch.is_grad_enabled() and affine.requires_grad)
             or torch.jit.is_tracing()
-            or (self.affine.is_cuda and torch.cuda.is_current_stream_capturing())
+            or (affine.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
-            return weight_t * self.mask_t, bias
-        key = (
-            self.affine._version,
-            self.affine.data_ptr(),
-            self.mask_t._version,
-            self.mask_t.data_ptr(),
-        )
-        if self._masked_weight is None or self._masked_weight[0] != key:
-            self._masked_weight = (key, weight_t * self.mask_t)
-        return self._masked_weight[1], bias
+            weight_t, bias = affine.split([self.in_features, 1])
+            return weight_t * mask, bias.view(-1)
+        key = (affine._version, affine.data_ptr(), mask._version, mask.data_ptr())
+        cached = self._masked_weight
+        if cached is None or cached[0] != key:
+            weight_t, bias = affine.split([self.in_features, 1])
+            cached = self._masked_weight = (key, weight_t * mask, bias.view(-1))
+        return cached[1], cached[2]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # a copy: object.__getstate__ gives __dict__ itself
@@ -250,6 +250,10 @@ class MaskedConditioner(Conditioner):
         ]
         self._set_masks()
 
+    @property
+    def _reference(self) -> Tensor:
+        return self.output.affine
+
     def _order_loaded(self) -> None:
         super()._order_loaded()
         self._set_masks()
@@ -313,7 +317,7 @@ class MaskedConditioner(Conditioner):
         ordered = []
         for index, layer in enumerate(layers):
             weight_t, bias = layer.masked_affine()
-            weight, offset = weight_t.t(), bias.t()
+            weight, offset = weight_t.t(), bias[:, None]
             if index == 0:
                 inputs, context_weight = weight[:, :dim], weight[:, dim:]
                 weight = inputs[:, self.order]
