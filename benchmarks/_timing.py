@@ -51,6 +51,17 @@ def _time_ms(fn: Callable[[], object], cuda: bool) -> float:
     return begin.elapsed_time(end)
 
 
+def warm_up(device: str, seconds: float = 1.0) -> None:
+    """Keep a GPU busy for a moment before timing, so its clocks have ramped up."""
+    if torch.device(device).type != "cuda":
+        return
+    a = torch.randn(4096, 4096, device=device)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a = (a @ a).tanh_()
+        torch.cuda.synchronize()
+
+
 def describe_machine(device: str) -> str:
     """The processor (or GPU), core count, torch version and threads, for the report."""
     if torch.device(device).type == "cuda":

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import pyro.distributions as dist
 import torch
 import zuko
-from _timing import describe_machine, interleaved_medians
+from _timing import describe_machine, interleaved_medians, warm_up
 from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
 from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
@@ -323,6 +323,7 @@ def main() -> None:
     DEVICE = args.device
     torch.manual_seed(args.seed)
     print(describe_machine(DEVICE))
+    warm_up(DEVICE)
     batches = [BATCH] if torch.device(DEVICE).type == "cpu" else [BATCH, 16 * BATCH]
     for batch in batches:  # cheap per call, and the most sensitive to noise: more repeats
         parallel_table(4 * args.repeats, batch)

@@ -23,7 +23,7 @@ from functools import partial
 import pyro
 import pyro.distributions as dist
 import torch
-from _timing import describe_machine, interleaved_medians
+from _timing import describe_machine, interleaved_medians, warm_up
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoLowRankMultivariateNormal, AutoNormal
 from pyro.optim import Adam
@@ -87,6 +87,7 @@ def main() -> None:
     torch.set_default_device(args.device)
     pyro.enable_validation(not args.no_validation)
     print(f"{describe_machine(args.device)}, pyro {pyro.__version__}")
+    warm_up(args.device)
     print(f"Pyro validation {'off' if args.no_validation else 'on'}")
 
     features = torch.randn(1000, 100)

@@ -191,9 +191,12 @@ class _AffineArithmetic(_LastPair):
 
     def _diagnose(self, inputs: list[tuple[Any, str]], what: str, dtype: torch.dtype) -> str:
         name = f"{type(self).__name__} layer (input_dim={self.conditioner.input_dim})"
+        gone = []
         for reference, label in inputs:
             given = reference()
-            if given is not None and not bool(torch.isfinite(given).all()):
+            if given is None:
+                gone.append(label)  # freed before a deferred (GPU) check could look at it
+            elif not bool(torch.isfinite(given).all()):
                 return f"the {name} got an {label} with non-finite entries (nan or inf)"
         diverged = [
             parameter_name
@@ -205,6 +208,11 @@ class _AffineArithmetic(_LastPair):
                 f"the {name} has non-finite parameters ({', '.join(diverged)}): training has "
                 "diverged. Lower the learning rate or clip the gradients, e.g. "
                 "pyro.optim.ClippedAdam({'lr': 1e-3, 'clip_norm': 10.0})"
+            )
+        if gone:
+            return (
+                f"the {name} produced non-finite values in its {what}; its {' and '.join(gone)} "
+                "had been freed before the check could tell whether they were finite"
             )
         return (
             f"the {name} produced non-finite values in its {what} from a finite input: they "

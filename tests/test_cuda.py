@@ -149,12 +149,13 @@ def test_deferred_checks_name_the_failing_call_among_many():
     layer = af.iaf(6, hidden_dims=[8]).to(CUDA)
     flush_finite_checks()
     x = torch.randn(32, 6, device=CUDA)
+    inputs = []  # kept alive, so that the late diagnosis can still look at the culprit
     for call in range(100):  # several banks of deferred checks come and go
-        bad = x.clone()
+        inputs.append(x.clone())
         if call == 57:
-            bad[0, 0] = float("inf")
+            inputs[-1][0, 0] = float("inf")
         try:
-            layer(bad)
+            layer(inputs[-1])
         except ValueError as error:  # a later call may already report it
             assert "got an input with non-finite entries" in str(error)
             break

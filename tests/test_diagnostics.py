@@ -81,7 +81,7 @@ def test_inference_data_has_every_site_with_its_shape_and_plate_dims():
     assert posterior["weights"].dims == ("chain", "draw", "weights_dim_0")
     assert (posterior["scale"].values > 0).all()
     assert idata.observed_data["obs"].dims == ("groups", "items")
-    assert (idata.observed_data["obs"].values == data.numpy()).all()
+    assert (idata.observed_data["obs"].values == data.cpu().numpy()).all()
     summary = az.summary(idata, kind="stats")
     assert len(summary) == 1 + 2 + 3
     # the draws are the guide's: their mean matches the guide's own Monte Carlo quantiles

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import load_example
 
 
+@pytest.mark.skipif(
+    torch.empty(0).device.type != "cpu", reason="the examples are CPU programs (plots, numpy)"
+)
 @pytest.mark.parametrize(
     "name, rows_key, expected",
     [

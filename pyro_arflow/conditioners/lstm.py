@@ -14,6 +14,9 @@ step), feeding each solved value back in. Both cost :math:`O(D)` LSTM steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +27,21 @@ __all__ = ["FORWARD_GATE_BUDGET", "LSTMConditioner"]
 
 FORWARD_GATE_BUDGET = 2**22
 """Most LSTM gate entries one ``forward`` call may hold (16 MiB in float32)."""
+
+
+@contextmanager
+def _full_precision_cudnn(like: Tensor) -> Iterator[None]:
+    """cuDNN's LSTM in full float32 on CUDA. By default it may use TF32 tensor cores (10-bit
+    mantissas), while ``recur`` steps ``torch.lstm_cell``, whose matrix products do not: a
+    layer's two directions then disagree by about 5e-5, and its inverse is no longer exact."""
+    if not like.is_cuda or not torch.backends.cudnn.allow_tf32:
+        yield
+        return
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class LSTMConditioner(Conditioner):
@@ -93,9 +111,10 @@ class LSTMConditioner(Conditioner):
         state = self._start_state(batch)
         params = []
         steps_per_call = max(1, FORWARD_GATE_BUDGET // (max(batch, 1) * 4 * self.hidden_size))
-        for window in self._steps_input(shifted, context).split(steps_per_call):
-            hidden, state = self.lstm(window, state)
-            params.append(self.head(hidden))
+        with _full_precision_cudnn(u):
+            for window in self._steps_input(shifted, context).split(steps_per_call):
+                hidden, state = self.lstm(window, state)
+                params.append(self.head(hidden))
         return self._unorder(torch.cat(params) + self.position_bias)
 
     def _recur(
