@@ -2,6 +2,7 @@
 
 from .conditioners import LSTMConditioner, MaskedConditioner
 from .diagnostics import psis_khat, to_inference_data
+from .distributed import init_parameters
 from .distributions import GaussianAutoregressive
 from .guides import AutoARFlow
 from .priors import FlowPrior
@@ -37,6 +38,7 @@ __all__ = [
     "conditional_maf",
     "get_flow",
     "iaf",
+    "init_parameters",
     "maf",
     "psis_khat",
     "register_flow",

@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pyro
+from pyro.distributions import constraints
 from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
+from pyro.poutine.runtime import effectful
 from torch import nn
 
 
@@ -27,10 +29,12 @@ def store_name(owner: PyroModule, child: str) -> str:
 def synced_child(owner: PyroModule, child: str) -> nn.Module:
     """``owner.<child>``, registered in Pyro's param store, with the store's values read back.
 
-    PyroModule registers a plain child module with ``pyro.module(..., update_module_params=
-    False)``: its parameters enter the store, but values the store holds under the same names
-    (loaded by ``ParamStore.load``, or registered by another module of the same name) never
-    reach it, so a loaded checkpoint would silently not take effect. Registering with
+    With ``pyro.settings.set(module_local_params=True)`` the module keeps its own parameters
+    and the global store is not touched. Otherwise: PyroModule registers a plain child module
+    with ``pyro.module(..., update_module_params=False)``: its parameters enter the store, but
+    values the store holds under the same names (loaded by ``ParamStore.load``, or registered
+    by another module of the same name) never reach it, so a loaded checkpoint would silently
+    not take effect. Registering with
     ``update_module_params=True`` makes the store's values the module's, as PyroModule already
     does for its ``PyroParam`` attributes; modules of one name share their parameters, as
     Pyro's autoguides of one class do. A stored value of another shape is a ``ValueError``
@@ -38,6 +42,15 @@ def synced_child(owner: PyroModule, child: str) -> nn.Module:
     """
     module = owner._modules[child]
     name = store_name(owner, child)
+    if pyro.settings.get("module_local_params"):
+        # parameters belong to the module (as for distributed training): announce them to
+        # Pyro's handlers, as PyroModule does in this mode, and leave the global store alone
+        for parameter_name, parameter in module.named_parameters():
+            full_name = param_with_module_name(name, parameter_name)
+            effectful(type="param")(lambda *_, value=parameter, **__: value)(
+                full_name, parameter, constraint=constraints.real, name=full_name
+            )
+        return module
     store = pyro.get_param_store()
     for parameter_name, parameter in module.named_parameters():
         full_name = param_with_module_name(name, parameter_name)

@@ -29,6 +29,7 @@ from torch.distributions import biject_to
 
 from ._checks import check_finite, check_positive_int
 from ._params import module_context, store_name, synced_child
+from .distributed import check_lazy_parameters_may_appear
 from .registry import build_flow
 
 __all__ = ["AutoARFlow"]
@@ -97,6 +98,7 @@ class AutoARFlow(AutoContinuous):
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        check_lazy_parameters_may_appear("AutoARFlow")
         super()._setup_prototype(*args, **kwargs)
         init_loc = self._init_loc()  # a fresh tensor (concatenated), never the user's
         self.flow = build_flow(
