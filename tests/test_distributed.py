@@ -55,12 +55,12 @@ class Decoder(PyroModule):
 
 
 class Encoder(PyroModule):
-    """The amortized guide: an encoder's Gaussian reshaped by a conditional IAF."""
+    """The amortized guide: an encoder's Gaussian reshaped by a conditional IAF (or MAF)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer=af.conditional_iaf) -> None:
         super().__init__()
         self.encoder = nn.Linear(4, 2 + 2 + 3)
-        self.flow = af.conditional_iaf(2, 3, hidden_dims=[8])
+        self.flow = layer(2, 3, hidden_dims=[8])
 
     def forward(self, shard: torch.Tensor) -> None:
         x, _ = data()
@@ -74,10 +74,12 @@ def build(scenario: str) -> nn.Module:
     """The ELBO module of a scenario, initialized the same in every process."""
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
-    if scenario == "autoguide":
-        elbo = Trace_ELBO()(regression, af.AutoARFlow(regression, hidden_dims=[8]))
+    if scenario in af.available_flows():
+        kwargs = {"hidden_size": 4} if scenario.endswith("lstm") else {"hidden_dims": [8]}
+        elbo = Trace_ELBO()(regression, af.AutoARFlow(regression, flow=scenario, **kwargs))
     else:
-        elbo = Trace_ELBO()(Decoder(), Encoder())
+        layer = af.conditional_maf if scenario == "amortized-maf" else af.conditional_iaf
+        elbo = Trace_ELBO()(Decoder(), Encoder(layer))
     pyro.set_rng_seed(1)
     return af.init_parameters(elbo, SHARDS[0])
 
@@ -119,7 +121,9 @@ def module_local_params():
     pyro.settings.set(module_local_params=False)
 
 
-@pytest.mark.parametrize("scenario", ["autoguide", "amortized"])
+@pytest.mark.parametrize(
+    "scenario", ["iaf", "maf", "iaf-lstm", "maf-lstm", "amortized-iaf", "amortized-maf"]
+)
 def test_two_ranks_take_the_steps_of_one_process_on_the_union(
     scenario, tmp_path, module_local_params
 ):
@@ -132,7 +136,7 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_union(
     optimizer = torch.optim.Adam(single.parameters(), lr=0.05)
 
     def loss(step: int) -> torch.Tensor:
-        if scenario == "autoguide":  # global latents only: one draw serves the union
+        if scenario in af.available_flows():  # global latents only: one draw serves the union
             pyro.set_rng_seed(100 + step)
             return single(UNION)
         losses = []  # local latents: each shard's noise as its rank drew it
