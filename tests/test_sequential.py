@@ -140,3 +140,26 @@ def test_solve_graph_bookkeeping(monkeypatch):
     graphs.run(module, "solve", run, x.double(), None)
     assert events == ["eager"] and not graphs._graphs
     assert not _graphs.SolveGraphs.applicable(torch.randn(3, 2, device="cpu"))  # CUDA only
+
+
+def test_a_graph_is_never_replayed_for_another_recur_method(monkeypatch):
+    """The D-pass reference must run its own solve, not the incremental one's graph."""
+    captured = []
+
+    class RecordingGraph:
+        def __init__(self, run, inputs):
+            self.run = run
+            captured.append(conditioner.recur_method)
+
+        def replay(self, inputs):
+            return self.run(*inputs)
+
+    monkeypatch.setattr(_graphs, "_Graph", RecordingGraph)
+    monkeypatch.setattr(_graphs.SolveGraphs, "applicable", staticmethod(lambda first: True))
+    conditioner = perturb(MaskedConditioner(5, [8]))
+    w = torch.randn(3, 5)
+    with torch.no_grad():
+        for method in ("incremental", "passes", "incremental", "passes"):
+            conditioner.recur_method = method
+            conditioner.recur(w, push)
+    assert captured == ["incremental", "passes"]  # one graph each, captured at second sight

@@ -155,8 +155,9 @@ class Conditioner(nn.Module):
         w2, context2, batch_shape = self._flatten(w, context)
         graphable = self.use_cuda_graphs and not self._tracks_grad(w2, context2)
         if graphable and self._solve_graphs.applicable(w2):
+            key = (solve, self._recur_variant())
             u, loc, raw = self._solve_graphs.run(
-                self, solve, lambda w, c: self._recur(w, solve, c), w2, context2
+                self, key, lambda w, c: self._recur(w, solve, c), w2, context2
             )
         else:
             u, loc, raw = self._recur(w2, solve, context2)
@@ -171,6 +172,11 @@ class Conditioner(nn.Module):
         """A parameter whose dtype and device the inputs must share (subclasses name one
         directly: walking ``parameters()`` on every call costs more than the check)."""
         return next(self.parameters())
+
+    def _recur_variant(self) -> tuple:
+        """What else decides the arithmetic of ``_recur`` (a graph recorded for one variant
+        must never be replayed for another); subclasses with such settings name them."""
+        return ()
 
     def _tracks_grad(self, *inputs: Tensor | None) -> bool:
         """Whether autograd records a call on ``inputs``: some input or parameter needs a

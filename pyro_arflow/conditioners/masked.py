@@ -254,6 +254,9 @@ class MaskedConditioner(Conditioner):
     def _reference(self) -> Tensor:
         return self.output.affine
 
+    def _recur_variant(self) -> tuple:
+        return (self.recur_method,)
+
     def _order_loaded(self) -> None:
         super()._order_loaded()
         self._set_masks()
