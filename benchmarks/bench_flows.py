@@ -163,6 +163,16 @@ def with_log_det(layer, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return run
 
 
+def without_and_with_backward(
+    runs: dict[str, Callable[[], torch.Tensor]], repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms of each run without gradients, then with a backward pass of its result."""
+    with torch.no_grad():
+        no_grad = interleaved_medians(runs, repeats, DEVICE)
+    backward_runs = {k: (lambda f=f: f().backward()) for k, f in runs.items()}
+    return no_grad, interleaved_medians(backward_runs, repeats, DEVICE)
+
+
 def parallel_table(repeats: int, batch: int) -> None:
     """Forward + log-determinant of one layer in its one-pass direction (an IAF's sampling)."""
     x = torch.randn(batch, DIM, device=DEVICE)
@@ -193,10 +203,7 @@ def parallel_table(repeats: int, batch: int) -> None:
         return y.sum() + log_det.sum()
 
     runs["nflows MAF"] = nflows_run
-    with torch.no_grad():
-        no_grad = interleaved_medians(runs, repeats, DEVICE)
-    backward_runs = {k: (lambda f=f: f().backward()) for k, f in runs.items()}
-    train = interleaved_medians(backward_runs, repeats, DEVICE)
+    no_grad, train = without_and_with_backward(runs, repeats)
     print(f"\nParallel direction (forward + log-det), D={DIM}, hidden={HIDDEN}, batch={batch}")
     print(f"{'method':28s} {'no-grad ms':>11s} {'x floor':>8s} {'fwd+bwd ms':>11s} {'x floor':>8s}")
     floor_name = "unmasked MLP (floor)"
@@ -268,10 +275,7 @@ def scale_map_table(repeats: int, batch: int) -> None:
         name: with_log_det(af.iaf(DIM, hidden_dims=HIDDEN, scale_map=name).to(DEVICE), x)
         for name in sorted(SCALE_MAPS)
     }
-    with torch.no_grad():
-        no_grad = interleaved_medians(runs, repeats, DEVICE)
-    backward_runs = {k: (lambda f=f: f().backward()) for k, f in runs.items()}
-    train = interleaved_medians(backward_runs, repeats, DEVICE)
+    no_grad, train = without_and_with_backward(runs, repeats)
     print(f"\nScale maps: our IAF's parallel direction, batch={batch}")
     print(f"{'scale map':12s} {'no-grad ms':>11s} {'fwd+bwd ms':>11s}")
     for name in runs:

@@ -62,8 +62,7 @@ class SolveGraphs:
             t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers())
         )
         if addresses != self._addresses:  # moved or replaced tensors: old graphs are stale
-            self._graphs.clear()
-            self._seen.clear()
+            self.clear()
             self._addresses = addresses
         full_key = (key, *((None, None) if t is None else (t.shape, t.dtype) for t in inputs))
         graph = self._graphs.get(full_key)

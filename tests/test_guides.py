@@ -347,16 +347,24 @@ def test_diverged_guide_parameters_are_reported_as_divergence():
         flush_finite_checks()
 
 
-@pytest.mark.parametrize("flow", ["iaf", "maf", "iaf-lstm", "maf-lstm"])
-def test_traced_guide_and_predictive_round_trip_through_jit_save(flow):
-    guide, data = trained_guide(flow, steps=5)
+def traced_call(module: torch.nn.Module, *args: torch.Tensor) -> torch.jit.ScriptModule:
+    """``module.call`` traced as Pyro's serialization tests trace it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace_module(guide, {"call": (data,)}, check_trace=False, strict=False)
+        return torch.jit.trace_module(module, {"call": args}, check_trace=False, strict=False)
+
+
+def saved_and_loaded(traced: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
     buffer.seek(0)
-    loaded = torch.jit.load(buffer)
+    return torch.jit.load(buffer)
+
+
+@pytest.mark.parametrize("flow", ["iaf", "maf", "iaf-lstm", "maf-lstm"])
+def test_traced_guide_and_predictive_round_trip_through_jit_save(flow):
+    guide, data = trained_guide(flow, steps=5)
+    loaded = saved_and_loaded(traced_call(guide, data))
     pyro.set_rng_seed(0)
     expected = guide.call(data)
     pyro.set_rng_seed(0)
@@ -366,15 +374,8 @@ def test_traced_guide_and_predictive_round_trip_through_jit_save(flow):
     predictive = Predictive(
         shapes_model, guide=guide, num_samples=4, return_sites=list(SITE_SHAPES)
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace_module(
-            predictive, {"call": (data,)}, check_trace=False, strict=False
-        )
-    buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer)
+    traced = traced_call(predictive, data)
+    loaded = saved_and_loaded(traced)
     # A trace drops the random draws of sites it does not return, so it consumes the random
     # stream differently from the eager Predictive (with Pyro's AutoNormal too): the saved
     # module is checked against the traced one, and its shapes against the eager one.
@@ -400,10 +401,7 @@ def test_a_module_holding_a_flow_prior_traces():
 
     z = torch.randn(5, 3)
     traced = torch.jit.trace(Density(), (z,), check_trace=False)
-    buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
-    buffer.seek(0)
-    assert torch.equal(torch.jit.load(buffer)(z), prior().log_prob(z))
+    assert torch.equal(saved_and_loaded(traced)(z), prior().log_prob(z))
 
 
 def stochastic_volatility_model():
