@@ -4,7 +4,8 @@
 
 1. A 100-dimensional latent model (Bayesian logistic regression, 100 weights, 1000 points):
    ``AutoARFlow("iaf")`` against Pyro's ``AutoIAFNormal`` at the same hidden sizes and number
-   of layers, with ``AutoNormal`` as the floor.
+   of layers (without the linear autoregressions ``"iaf"`` adds by default: the same
+   architecture; a second row times the default), with ``AutoNormal`` as the floor.
 2. A 2,000-step latent time series (a local-level model): ``AutoARFlow("iaf-lstm")`` against
    ``AutoNormal`` and ``AutoLowRankMultivariateNormal``.
 
@@ -101,6 +102,13 @@ def main() -> None:
                 logistic_regression, hidden_dim=hidden, num_transforms=2
             ),
             f"AutoARFlow('iaf', hidden={hidden}, 2 layers)": lambda: af.AutoARFlow(
+                logistic_regression,
+                flow="iaf",
+                num_flows=2,
+                hidden_dims=hidden,
+                linear_autoregression=False,  # the same architecture as AutoIAFNormal's
+            ),
+            "  + linear autoregressions (the 'iaf' default)": lambda: af.AutoARFlow(
                 logistic_regression, flow="iaf", num_flows=2, hidden_dims=hidden
             ),
         },

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pyro.distributions as dist
 import torch
 from matplotlib.figure import Figure
 from pyro.distributions import constraints
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import ClippedAdam
@@ -29,40 +31,145 @@ def parse_args(
     default_steps: int,
     argv: Sequence[str] | None,
     flags: dict[str, str] | None = None,
+    options: dict[str, tuple[int, str]] | None = None,
+    lists: dict[str, str] | None = None,
 ) -> argparse.Namespace:
-    """``--steps``, ``--seed``, ``--out``, and any boolean ``flags`` (name -> help)."""
+    """``--steps``, ``--seed``, ``--out``, boolean ``flags`` (name -> help), integer
+    ``options`` (name -> (default, help)) and string ``lists`` (name -> help; default None)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--steps", type=int, default=default_steps, help="SVI steps per fit")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=default_steps,
+        help="most SVI steps per guide (training stops earlier once the ELBO is flat)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the inference")
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for the plot and table"
     )
     for flag, help_text in (flags or {}).items():
         parser.add_argument(flag, action="store_true", help=help_text)
+    for option, (default, help_text) in (options or {}).items():
+        parser.add_argument(option, type=int, default=default, help=help_text)
+    for option, help_text in (lists or {}).items():
+        parser.add_argument(option, nargs="+", default=None, help=help_text)
     return parser.parse_args(argv)
 
 
-def fit(
+@dataclass
+class Fit:
+    """One guide's training: the ELBO estimate of every step, the time, how it ended."""
+
+    elbo: list[float]
+    seconds: float
+    converged: bool
+    diverged: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.diverged:
+            return f"diverged (step {self.steps + 1})"
+        return "yes" if self.converged else "no (budget)"
+
+    @property
+    def steps(self) -> int:
+        return len(self.elbo)
+
+    def smoothed(self, window: int) -> tuple[list[int], list[float]]:
+        """Mean ELBO of each full window of steps, at the window's last step."""
+        means = torch.tensor(self.elbo[: self.steps // window * window]).view(-1, window).mean(1)
+        return [window * (k + 1) for k in range(len(means))], means.tolist()
+
+
+CONVERGENCE_WINDOW, CONVERGENCE_WINDOWS, CONVERGENCE_SLOPE = 250, 16, 0.25
+
+
+def elbo_trend(elbo: Sequence[float]) -> float:
+    """Nats gained per 1000 steps: the least-squares slope through the means of the last
+    ``CONVERGENCE_WINDOWS`` windows of ``CONVERGENCE_WINDOW`` steps."""
+    span = CONVERGENCE_WINDOW * CONVERGENCE_WINDOWS
+    means = torch.tensor(elbo[-span:], dtype=torch.float64).view(CONVERGENCE_WINDOWS, -1).mean(1)
+    steps = torch.arange(CONVERGENCE_WINDOWS, dtype=torch.float64) * CONVERGENCE_WINDOW
+    steps, means = steps - steps.mean(), means - means.mean()
+    return 1000 * float((steps * means).sum() / (steps * steps).sum())
+
+
+def train(
     model: Callable,
     guide: Callable,
     data: tuple,
-    steps: int,
+    max_steps: int,
     label: str,
     lr: float = 0.01,
     particles: int = 4,
-) -> float:
-    """Train with Adam (learning rate decaying 10x over the run); returns the seconds taken."""
-    optimizer = ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / max(steps, 1)), "clip_norm": 10.0})
+) -> Fit:
+    """Train until the ELBO stops improving, at most ``max_steps`` steps.
+
+    The rule: every 250 steps, once 4000 are done, fit a line through the mean ELBOs of the
+    last 16 windows of 250 steps; stop when it rises by less than 0.25 nats per 1000 steps.
+    (With 4 particles a window's mean is uncertain by about 0.3 nats, the slope by about
+    0.07 nats per 1000 steps, so a guide still climbing at 0.25 is seen to climb. A rule
+    comparing windows with the best one so far stops too early: the best is biased upward by
+    the noise.) The optimizer is ClippedAdam (gradient norm clipped at 10) with the learning
+    rate decaying 10x over ``max_steps``, the same schedule for every guide. A guide whose
+    training diverges (a non-finite loss, or the ``ValueError`` Pyro's or this package's
+    validation raises for one) stops there, marked ``diverged``: a comparison should show a
+    baseline that fails, not crash on it.
+    """
+    optimizer = ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / max(max_steps, 1)), "clip_norm": 10.0})
     svi = SVI(
         model, guide, optimizer, Trace_ELBO(num_particles=particles, vectorize_particles=True)
     )
+    elbo: list[float] = []
+    converged = diverged = False
     start = time.perf_counter()
-    with tqdm(range(steps), desc=f"{label:>28s}", leave=False) as bar:
-        for step in bar:
-            loss = svi.step(*data)
-            if step % 50 == 0:
-                bar.set_postfix(elbo=f"{-loss:.1f}")
-    return time.perf_counter() - start
+    with tqdm(total=max_steps, desc=f"{label:>28s}", leave=False) as bar:
+        while len(elbo) < max_steps and not (converged or diverged):
+            try:
+                loss = svi.step(*data)
+            except ValueError:
+                loss = math.nan
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            elbo.append(-loss)
+            bar.update()
+            if len(elbo) % CONVERGENCE_WINDOW == 0:
+                window = sum(elbo[-CONVERGENCE_WINDOW:]) / CONVERGENCE_WINDOW
+                bar.set_postfix(elbo=f"{window:.1f}")
+                if len(elbo) >= CONVERGENCE_WINDOW * CONVERGENCE_WINDOWS:
+                    converged = elbo_trend(elbo) < CONVERGENCE_SLOPE
+    return Fit(elbo, time.perf_counter() - start, converged, diverged)
+
+
+def posterior_error(
+    draws: dict[str, torch.Tensor], reference: dict[str, dict], sites: Sequence[str]
+) -> tuple[float, float]:
+    """Over every coordinate of ``sites``: the mean of |mean - NUTS mean| / NUTS sd, and of
+    |log(sd / NUTS sd)|. ``draws[site]`` is shaped ``(draws, *site_shape)``."""
+    errors, log_ratios = [], []
+    for site in sites:
+        value = draws[site].reshape(len(draws[site]), -1)
+        mean = torch.tensor(reference[site]["mean"]).reshape(-1)
+        sd = torch.tensor(reference[site]["sd"]).reshape(-1)
+        errors.append((value.mean(0) - mean).abs() / sd)
+        log_ratios.append((value.std(0) / sd).log().abs())
+    return torch.cat(errors).mean().item(), torch.cat(log_ratios).mean().item()
+
+
+def plot_elbo_traces(axis: Any, fits: dict[str, Fit]) -> None:
+    """Each guide's ELBO, averaged over windows of 250 steps (fewer for short smoke runs),
+    against the step; the vertical range is the top 40 nats, where the guides finish."""
+    finished = [fit.steps for fit in fits.values() if not fit.diverged] or [CONVERGENCE_WINDOW]
+    window = max(1, min(CONVERGENCE_WINDOW, min(finished) // 4))
+    for name, fit in fits.items():
+        label = f"{name} ({fit.status if fit.diverged else f'{fit.steps} steps'})"
+        axis.plot(*fit.smoothed(window), label=label, linewidth=1.0)
+    top = max(max(fit.smoothed(window)[1], default=-math.inf) for fit in fits.values())
+    axis.set_ylim(top - 40, top + 5)
+    axis.set_xlabel("step")
+    axis.set_ylabel(f"ELBO, mean of {window} steps")
+    axis.legend(fontsize=7, loc="lower right")
 
 
 @torch.no_grad()
@@ -73,8 +180,8 @@ def elbo_estimate(model: Callable, guide: Callable, data: tuple, particles: int 
 
 def print_table(title: str, rows: list[dict[str, Any]], out: Path, name: str) -> str:
     """Print ``rows`` as an aligned markdown table and save it beside the plot."""
-    columns = list(rows[0])
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    cells = [[_cell(row.get(c, math.nan)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
@@ -171,18 +278,28 @@ class AR1Path(dist.TorchDistribution):
         )
         return conditional.log_prob(h).sum(-1)
 
+    def path(self, innovations: torch.Tensor) -> torch.Tensor:
+        """The path whose standardized innovations are ``innovations`` (shape ``(..., T)``):
+
+            h_t - loc = sum_{k <= t} coefficient^(t - k) s_k e_k,
+            s_1 = initial_scale, s_k = scale (k > 1),
+
+        one triangular matrix product (O(T^2), no loop over t): the non-centered form of the
+        same distribution, in which NUTS mixes far faster.
+        """
+        loc, coefficient, scale, initial_scale = (
+            p.unsqueeze(-1) for p in (self.loc, self.coefficient, self.scale, self.initial_scale)
+        )
+        time = torch.arange(self.length, device=innovations.device)
+        first = time == 0
+        lag = (time[:, None] - time[None, :]).clamp(min=0).to(innovations.dtype)
+        powers = coefficient.unsqueeze(-1) ** lag * (time[:, None] >= time[None, :])
+        shocks = torch.where(first, initial_scale, scale) * innovations
+        return loc + (powers @ shocks.unsqueeze(-1)).squeeze(-1)
+
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
-        noise = torch.randn(shape)
-        h = torch.empty(shape)
-        h[..., 0] = self.loc + self.initial_scale * noise[..., 0]
-        for t in range(1, self.length):
-            h[..., t] = (
-                self.loc
-                + self.coefficient * (h[..., t - 1] - self.loc)
-                + self.scale * noise[..., t]
-            )
-        return h
+        with torch.no_grad():
+            return self.path(torch.randn(self._extended_shape(sample_shape)))
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(AR1Path, _instance)
@@ -195,3 +312,79 @@ class AR1Path(dist.TorchDistribution):
         super(AR1Path, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
+
+
+@dataclass
+class Chains:
+    """NUTS draws of every latent site, shaped ``(chains, draws, *site_shape)``."""
+
+    draws: dict[str, torch.Tensor]
+    seconds: float
+    divergences: int
+    settings: dict[str, Any]
+
+    def summary(self) -> dict[str, dict[str, list | float]]:
+        """Per site: posterior mean and sd over all chains, worst R-hat and bulk ESS (ArviZ)."""
+        import arviz as az
+
+        data = az.from_dict(posterior={k: v.numpy() for k, v in self.draws.items()})
+        rhat, ess = az.rhat(data), az.ess(data, method="bulk")
+        return {
+            name: {
+                "mean": value.flatten(0, 1).mean(0).tolist(),
+                "sd": value.flatten(0, 1).std(0).tolist(),
+                "max_rhat": float(rhat[name].max()),
+                "min_ess": float(ess[name].min()),
+            }
+            for name, value in self.draws.items()
+        }
+
+
+def run_nuts(
+    model: Callable,
+    data: tuple,
+    chains: int,
+    warmup: int,
+    draws: int,
+    seed: int,
+    target_accept: float = 0.8,
+) -> Chains:
+    """``chains`` NUTS chains one after the other (seeds ``seed``, ``seed + 1``, ...), JIT-compiled.
+
+    Sequential, so the seconds are those of one core doing all the work, comparable between
+    samplers.
+    """
+    per_chain, divergences, seconds = [], 0, 0.0
+    for chain in range(chains):
+        pyro.set_rng_seed(seed + chain)
+        kernel = NUTS(
+            model, target_accept_prob=target_accept, jit_compile=True, ignore_jit_warnings=True
+        )
+        mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup)
+        start = time.perf_counter()
+        mcmc.run(*data)
+        seconds += time.perf_counter() - start
+        per_chain.append(mcmc.get_samples())
+        divergences += len(mcmc.diagnostics()["divergences"]["chain 0"])
+    stacked = {name: torch.stack([c[name] for c in per_chain]) for name in per_chain[0]}
+    settings = {
+        "seed": seed,
+        "chains": chains,
+        "warmup": warmup,
+        "draws_per_chain": draws,
+        "target_accept": target_accept,
+    }
+    return Chains(stacked, seconds, divergences, settings)
+
+
+def write_reference(path: Path, run: Chains) -> None:
+    """Save a NUTS run's summary (per site: mean, sd, worst R-hat, bulk ESS) and settings."""
+    summary: dict[str, Any] = dict(run.summary())
+    summary["settings"] = {
+        **run.settings,
+        "divergences": run.divergences,
+        "seconds": round(run.seconds, 1),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"wrote {path} ({summary['settings']})")

@@ -5,6 +5,7 @@ from .diagnostics import psis_khat, to_inference_data
 from .distributed import init_parameters
 from .distributions import GaussianAutoregressive
 from .guides import AutoARFlow
+from .linear import LinearAutoregression, linear_autoregression
 from .priors import FlowPrior
 from .registry import available_flows, build_flow, get_flow, register_flow
 from .transforms import (
@@ -30,6 +31,7 @@ __all__ = [
     "FlowPrior",
     "GaussianAutoregressive",
     "LSTMConditioner",
+    "LinearAutoregression",
     "MaskedConditioner",
     "Permutation",
     "available_flows",
@@ -39,6 +41,7 @@ __all__ = [
     "get_flow",
     "iaf",
     "init_parameters",
+    "linear_autoregression",
     "maf",
     "psis_khat",
     "register_flow",

@@ -39,8 +39,14 @@ def synced_child(owner: PyroModule, child: str) -> nn.Module:
     does for its ``PyroParam`` attributes; modules of one name share their parameters, as
     Pyro's autoguides of one class do. A stored value of another shape is a ``ValueError``
     naming the parameter, not a shape error deep inside the flow.
+
+    A frozen module (no parameter requires a gradient: a trained guide preconditioning
+    NUTS through ``NeuTraReparam``, say) is used as it is: Pyro's store only tracks
+    trainable parameters, and would warn at every call.
     """
     module = owner._modules[child]
+    if not any(parameter.requires_grad for parameter in module.parameters()):
+        return module
     name = store_name(owner, child)
     if pyro.settings.get("module_local_params"):
         # parameters belong to the module (as for distributed training): announce them to

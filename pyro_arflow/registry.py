@@ -8,9 +8,12 @@ factory that takes an ``ordering`` argument is handed each layer's order; betwee
 of one that does not, ``build_flow`` puts a fixed :class:`~pyro_arflow.Permutation`.
 
 Built-in names: ``"iaf"`` and ``"maf"`` (masked conditioner), ``"iaf-lstm"`` and
-``"maf-lstm"`` (LSTM conditioner). Other packages add flows through the ``pyro_arflow.flows``
-entry-point group (``name = "package.module:factory"``), loaded the first time a name is
-looked up that is not registered yet; a plugin that fails to load gives a warning.
+``"maf-lstm"`` (LSTM conditioner). Each takes ``linear_autoregression``: follow every layer
+by a :class:`~pyro_arflow.LinearAutoregression`; on by default for ``"iaf"`` only, the one
+flow that cannot otherwise learn a Markov path's posterior quickly (measured in the README).
+Other packages add flows through the ``pyro_arflow.flows`` entry-point group
+(``name = "package.module:factory"``), loaded the first time a name is looked up that is not
+registered yet; a plugin that fails to load gives a warning.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch.distributions import Transform
 
 from ._checks import check_keywords, check_positive_int
 from .conditioners import layer_orders, make_conditioner
+from .linear import LinearAutoregression
 from .scales import ScaleMap
 from .transforms import (
     IAF,
@@ -178,14 +182,22 @@ def _checked_layer(layer: Any, name: str, context_dim: int | None) -> Any:
     return layer
 
 
-def _builtin(plain: type, conditional: type, conditioner: str) -> FlowFactory:
-    """The factory of one built-in layer kind with one conditioner."""
+def _builtin(
+    plain: type, conditional: type, conditioner: str, linear_default: bool = False
+) -> FlowFactory:
+    """The factory of one built-in layer kind with one conditioner.
+
+    With ``linear_autoregression`` the layer is followed by a
+    :class:`~pyro_arflow.LinearAutoregression` in the same order (see there why the masked
+    IAF wants it).
+    """
 
     def factory(
         input_dim: int,
         context_dim: int | None = None,
         ordering: Any = "natural",
         scale_map: str | ScaleMap = "softplus",
+        linear_autoregression: bool = linear_default,
         **conditioner_kwargs: Any,
     ) -> Any:
         if "conditioner" in conditioner_kwargs:
@@ -196,13 +208,20 @@ def _builtin(plain: type, conditional: type, conditioner: str) -> FlowFactory:
         network = make_conditioner(
             conditioner, input_dim, context_dim, ordering=ordering, **conditioner_kwargs
         )
-        return (plain if context_dim is None else conditional)(network, scale_map)
+        layer = (plain if context_dim is None else conditional)(network, scale_map)
+        if not linear_autoregression:
+            return layer
+        linear = LinearAutoregression(input_dim, ordering)
+        if context_dim is None:
+            return ComposeTransformModule([layer, linear])
+        return ConditionalComposeTransformModule([layer, linear])
 
-    factory.__doc__ = f"One {plain.__name__} layer with the {conditioner} conditioner."
+    extra = ", then a linear autoregression" if linear_default else ""
+    factory.__doc__ = f"One {plain.__name__} layer with the {conditioner} conditioner{extra}."
     return factory
 
 
-register_flow("iaf", _builtin(IAF, ConditionalIAF, "masked"))
+register_flow("iaf", _builtin(IAF, ConditionalIAF, "masked", linear_default=True))
 register_flow("maf", _builtin(MAF, ConditionalMAF, "masked"))
 register_flow("iaf-lstm", _builtin(IAF, ConditionalIAF, "lstm"))
 register_flow("maf-lstm", _builtin(MAF, ConditionalMAF, "lstm"))

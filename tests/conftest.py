@@ -76,6 +76,7 @@ def load_example(name: str) -> ModuleType:
     try:
         spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as an import would: dataclasses look themselves up
         spec.loader.exec_module(module)
         return module
     finally:

@@ -182,8 +182,10 @@ def structural_reach(conditioner: MaskedConditioner) -> torch.Tensor:
     for index, layer in enumerate(conditioner.hidden):
         step = (layer.mask_t[:dim] if index == 0 else layer.mask_t).t().ne(0).float() @ reach
         if conditioner.residual and index > 0:
-            step = step + reach  # the skip path
+            step = step + reach  # the residual path
         reach = step.clamp(max=1)
+    if conditioner.skip_connections:
+        reach = torch.cat([reach, torch.eye(dim)])  # the output also reads the input
     return (conditioner.output.mask_t.t().ne(0).float() @ reach)[:dim] > 0
 
 
@@ -192,7 +194,10 @@ def structural_reach(conditioner: MaskedConditioner) -> torch.Tensor:
 @pytest.mark.parametrize(
     "hidden", ["none", "D-1", "D-1,D-1", "default", "2D,D-1", "residual"], ids=str
 )
-def test_every_accepted_made_keeps_every_dependency(dim, ordering, hidden):
+@pytest.mark.parametrize("skip", [False, True], ids=["hidden-only", "skip"])
+def test_every_accepted_made_keeps_every_dependency(dim, ordering, hidden, skip):
+    """Without skip connections the hidden path alone must carry every dependency; with them
+    the skip path must add none that is not allowed."""
     narrowest = max(dim - 1, 1)
     widths = {
         "none": [],
@@ -203,7 +208,12 @@ def test_every_accepted_made_keeps_every_dependency(dim, ordering, hidden):
         "residual": [dim + 3] * 3,
     }[hidden]
     conditioner = MaskedConditioner(
-        dim, widths, ordering=ordering, seed=dim, residual=hidden == "residual"
+        dim,
+        widths,
+        ordering=ordering,
+        seed=dim,
+        residual=hidden == "residual",
+        skip_connections=skip,
     )
     rank = conditioner.rank
     allowed = rank[None, :] < rank[:, None]  # loc_i may read x_j
@@ -297,11 +307,11 @@ def test_output_gain_default_and_override():
     assert MaskedConditioner(4, [64]).output.gain == 0.125  # 8 / 64
     assert MaskedConditioner(4, [6]).output.gain == 1.0  # small layers keep gain 1
     assert MaskedConditioner(500).output.gain == 2.0**-8  # 8 / 1501, rounded to a power of 2
-    plain = perturb(MaskedConditioner(4, [16], output_gain=1.0).double())
+    plain = perturb(MaskedConditioner(4, [16], output_gain=1.0, skip_connections=True).double())
     u = torch.randn(3, 4, dtype=torch.float64)
     with torch.no_grad():
-        hidden = plain.activation(plain.hidden[0](u))
-        loc = hidden @ (plain.output.weight[:4] * (plain.output.mask_t.t()[:4] != 0)).t()
+        features = torch.cat([plain.activation(plain.hidden[0](u)), u], -1)  # hidden + skip
+        loc = features @ (plain.output.weight[:4] * (plain.output.mask_t.t()[:4] != 0)).t()
     torch.testing.assert_close(plain(u)[0], loc + plain.output.bias[:4], atol=1e-12, rtol=0)
     for bad in (0.0, float("inf"), "1", True):
         with pytest.raises(ValueError, match="output_gain must be a"):

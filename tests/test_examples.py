@@ -5,29 +5,32 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from conftest import EXAMPLES, load_example
+from pyro.infer.autoguide import AutoNormal
 
 
 @pytest.mark.skipif(
     torch.empty(0).device.type != "cpu", reason="the examples are CPU programs (plots, numpy)"
 )
 @pytest.mark.parametrize(
-    "name, rows_key, expected",
+    "name, rows_key, expected, options",
     [
-        ("stochastic_volatility", "guide", "GUIDES"),
-        ("local_level", "method", "GUIDES"),
-        ("vae_ar_prior", "model", "MODELS"),
+        ("stochastic_volatility", "guide", "GUIDES", ["--mcmc-draws", "4"]),
+        ("local_level", "method", "GUIDES", []),
+        ("vae_ar_prior", "model", "MODELS", []),
     ],
 )
-def test_example_runs_and_reports(name, rows_key, expected, tmp_path):
+def test_example_runs_and_reports(name, rows_key, expected, options, tmp_path):
     example = load_example(name)
-    rows = example.main(["--steps", "15", "--seed", "1", "--out", str(tmp_path)])
+    rows = example.main(["--steps", "15", "--seed", "1", "--out", str(tmp_path), *options])
     names = [row[rows_key] for row in rows]
     assert set(getattr(example, expected)) <= set(names)
     assert len(names) == len(set(names))
-    table = (tmp_path / f"{name}.md").read_text()
+    table = "".join(path.read_text() for path in tmp_path.glob(f"{name}*.md"))
     for row_name in names:
         assert f"| {row_name}" in table
     png = tmp_path / f"{name}.png"
@@ -47,3 +50,26 @@ def test_distributed_example_compares_one_and_two_processes(tmp_path):
     png = tmp_path / "distributed_vae.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "distributed_vae_2.pt").exists()  # rank 0's checkpoint
+
+
+@pytest.mark.skipif(
+    torch.empty(0).device.type != "cpu", reason="the examples are CPU programs (plots, numpy)"
+)
+def test_volatility_example_takes_a_long_path_with_the_guides_that_fit_there(tmp_path):
+    example = load_example("stochastic_volatility")
+    arguments = ["--length", "600", "--steps", "5", "--out", str(tmp_path)]
+    rows = example.main(arguments)
+    assert [row["guide"] for row in rows] == list(example.guides_for(600))
+    assert "AutoMultivariateNormal" not in example.guides_for(600)
+    assert all(0 <= row["90% band coverage"] <= 1 for row in rows)
+
+
+def test_training_marks_a_diverging_guide_instead_of_crashing():
+    train = load_example("_common").train
+
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("broken", torch.where(x > 10, 0.0, float("nan")))
+
+    fit = train(model, AutoNormal(model), (), 50, "broken")
+    assert fit.diverged and fit.steps == 0 and fit.status == "diverged (step 1)"

@@ -24,20 +24,20 @@ def isolated_registry(monkeypatch):
 
 def test_builtin_names():
     assert {"iaf", "maf", "iaf-lstm", "maf-lstm"} <= set(af.available_flows())
-    assert isinstance(af.build_flow("iaf", 3)[0], af.IAF)
+    assert isinstance(af.build_flow("iaf", 3)[0][0], af.IAF)  # then a LinearAutoregression
     assert isinstance(af.build_flow("maf-lstm", 3)[0].conditioner, af.LSTMConditioner)
 
 
 @pytest.mark.parametrize("name", ["iaf", "maf", "iaf-lstm", "maf-lstm"])
 def test_build_flow_gives_each_builtin_layer_its_own_order(name):
-    flow = af.build_flow(name, 4, num_flows=3)
+    flow = af.build_flow(name, 4, num_flows=3, linear_autoregression=False)
     assert isinstance(flow, ComposeTransformModule)
     layer = af.IAF if name.startswith("iaf") else af.MAF
     assert [type(part) for part in flow.parts] == [layer] * 3  # no permutations in between
     orders = [part.conditioner.order.tolist() for part in flow.parts]
     assert orders == [[0, 1, 2, 3], [3, 2, 1, 0], [0, 1, 2, 3]]
     assert flow.sign == 1
-    conditional = af.build_flow(name, 4, num_flows=2, context_dim=3)
+    conditional = af.build_flow(name, 4, num_flows=2, context_dim=3)  # with the default layers
     assert isinstance(conditional, ConditionalComposeTransformModule)
     x = torch.randn(5, 4, dtype=torch.float64)
     transform = perturb(conditional.double()).condition(torch.randn(5, 3, dtype=torch.float64))
@@ -47,9 +47,9 @@ def test_build_flow_gives_each_builtin_layer_its_own_order(name):
 def test_random_orders_are_buffers_that_survive_state_dict():
     flow = perturb(af.build_flow("iaf", 6, num_flows=3, permutation="random", seed=1))
     other = af.build_flow("iaf", 6, num_flows=3, permutation="random", seed=2)
-    assert not torch.equal(flow[1].conditioner.order, other[1].conditioner.order)
+    assert not torch.equal(flow[1][0].conditioner.order, other[1][0].conditioner.order)
     state = flow.state_dict()
-    assert "1.conditioner.order" in state
+    assert "1.0.conditioner.order" in state and "1.1.order" in state
     assert not any("mask" in key for key in state)  # derived from the order, not stored
     other.load_state_dict(state)
     x = torch.randn(4, 6)

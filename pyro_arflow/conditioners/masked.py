@@ -119,9 +119,18 @@ class MaskedLinear(nn.Module):
         state["_masked_weight"] = None
         return state
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *pieces: Tensor) -> Tensor:
+        """The map of the input ``x``, given whole or as ``pieces`` whose features, side by
+        side, make ``x`` (each piece meets its own rows of the weight: no copy into one
+        tensor, as ``torch.cat`` would make)."""
         weight_t, bias = self.masked_affine()
-        return torch.addmm(bias, x, weight_t)
+        if len(pieces) == 1:
+            return torch.addmm(bias, pieces[0], weight_t)
+        blocks = weight_t.split([piece.shape[-1] for piece in pieces])
+        y = torch.addmm(bias, pieces[0], blocks[0])
+        for piece, block in zip(pieces[1:], blocks[1:], strict=True):
+            y.addmm_(piece, block)  # in place is safe: addmm's backward never reads its output
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, gain={self.gain}"
@@ -167,6 +176,11 @@ class MaskedConditioner(Conditioner):
         ordering: ``"natural"``, ``"reversed"``, ``"random"`` (with ``seed``) or a permutation.
         seed: seed of a random ordering.
         residual: add each hidden layer's input to its output (all widths must be equal).
+        skip_connections: let the output layer also read the network's input (and context)
+            directly, through the same strictly autoregressive mask: ``loc`` and
+            ``raw_scale`` become a linear autoregression plus the hidden layers' correction
+            (below). Default ``False`` (below); no effect without hidden layers, whose output layer
+            reads the input anyway.
         activation: the nonlinearity, an elementwise ``nn.Module`` class or instance. A class
             that takes ``inplace`` (``nn.ReLU``, ``nn.ELU``, ...) is built with
             ``inplace=True``: it only ever sees pre-activations this network just computed, so
@@ -189,6 +203,13 @@ class MaskedConditioner(Conditioner):
     lr 3e-3 needs about twice the steps of gain 1 (300 rather than 150 to the same loss), and
     ``1 / fan_in`` alone needs four times. At ``64 / fan_in`` the 503-dimensional guide
     diverged again (step 293); at ``32 / fan_in`` it held.
+
+    Why skip connections: a hidden layer of width :math:`H` holds about :math:`H / D` units of
+    each degree, so position :math:`i`'s dependence on its nearest predecessor in the order,
+    the one that matters most along a latent path, runs through one or two ReLUs. A linear
+    term makes every Gaussian autoregression (hence, in an IAF guide, every full-rank
+    Gaussian posterior) exactly representable by one layer, and leaves the hidden units the
+    non-Gaussian rest (Pyro's ``AutoRegressiveNN`` offers the same as ``skip_connections``).
     """
 
     def __init__(
@@ -199,6 +220,7 @@ class MaskedConditioner(Conditioner):
         ordering: Ordering = "natural",
         seed: int = 0,
         residual: bool = False,
+        skip_connections: bool = False,
         activation: type[nn.Module] | nn.Module = nn.ReLU,
         recur_method: str = "incremental",
         output_gain: float | None = None,
@@ -224,6 +246,7 @@ class MaskedConditioner(Conditioner):
             raise ValueError(f"residual connections need equal hidden widths, got {hidden_dims}")
         self.hidden_dims = hidden_dims
         self.residual = residual
+        self.skip_connections = bool(skip_connections) and bool(hidden_dims)
         self.recur_method = recur_method
         self.activation = _build_activation(activation)
 
@@ -233,13 +256,14 @@ class MaskedConditioner(Conditioner):
             MaskedLinear(fan_in, width)
             for fan_in, width in zip(widths[:-1], hidden_dims, strict=True)
         )
+        output_fan_in = widths[-1] + (widths[0] if self.skip_connections else 0)
         if output_gain is None:
             output_gain = default_output_gain(widths[-1])
         elif isinstance(output_gain, bool) or not isinstance(output_gain, (int, float)):
             raise ValueError(f"output_gain must be a number > 0, got {output_gain!r}")
         elif not (math.isfinite(output_gain) and output_gain > 0):
             raise ValueError(f"output_gain must be a finite number > 0, got {output_gain!r}")
-        self.output = MaskedLinear(widths[-1], 2 * input_dim, gain=float(output_gain))
+        self.output = MaskedLinear(output_fan_in, 2 * input_dim, gain=float(output_gain))
         nn.init.zeros_(self.output.affine)
         # units_through[l][d + 1] = how many units of layer l (0 = the inputs, in order) have
         # degree <= d, for d = -1 .. D-1: the prefix the incremental solve reads.
@@ -275,17 +299,28 @@ class MaskedConditioner(Conditioner):
                 mask = torch.cat([mask, context_mask], dim=1)
             layer.set_mask(mask)
             in_degrees = degrees
-        mask = (in_degrees[None, :] < rank[:, None]).float().repeat(2, 1)
-        if not self.hidden_dims:
-            mask = torch.cat([mask, torch.ones(2 * self.input_dim, context_width, device="cpu")], 1)
-        self.output.set_mask(mask)
+
+        def strictly_before(degrees: Tensor) -> Tensor:  # (loc rows, raw rows) x units
+            return (degrees[None, :] < rank[:, None]).float().repeat(2, 1)
+
+        blocks = [strictly_before(in_degrees)]
+        if self.skip_connections:
+            import os
+
+            blocks.append(strictly_before(rank) * float(os.environ.get("SKIPF", "1")))
+        if self.skip_connections or not self.hidden_dims:
+            blocks.append(torch.ones(2 * self.input_dim, context_width, device="cpu"))
+        self.output.set_mask(torch.cat(blocks, dim=1))
 
     def _forward(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        h = u if context is None else torch.cat([u, context], dim=-1)
+        x = (u,) if context is None else (u, context)  # the input, in pieces (no cat)
+        h = x
         for index, layer in enumerate(self.hidden):
-            update = self.activation(layer(h))
-            h = h + update if self.residual and index > 0 else update
-        loc, raw = self.output(h).chunk(2, dim=-1)
+            update = self.activation(layer(*h))
+            h = (h[0] + update,) if self.residual and index > 0 else (update,)
+        if self.skip_connections:
+            h = h + x
+        loc, raw = self.output(*h).chunk(2, dim=-1)
         return loc, raw
 
     def _recur(
@@ -309,28 +344,41 @@ class MaskedConditioner(Conditioner):
             u = solve(loc, raw, w)
         return u, loc, raw
 
-    def _ordered_layers(self, context: Tensor | None) -> list[tuple[Tensor, Tensor]]:
-        """Per layer (hidden ones, then output): masked weight with its inputs in degree order,
-        and the offset added to its pre-activations, shaped (units, 1) or (units, B).
+    def _ordered_layers(
+        self, context: Tensor | None
+    ) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor | None, Tensor]]:
+        """The layers rearranged for the incremental solve, inputs in degree order.
 
-        The output layer's rows are rearranged to (D, 2, H): position t's (loc, raw) rows.
+        Hidden layers: (masked weight, offset added to the pre-activations), the offset shaped
+        (units, 1) or (units, B) with a context folded in. Output: (weight on the last hidden
+        layer, weight of the skip connections on the inputs or ``None``, offset), rows
+        rearranged to (D, 2, ...): position t's (loc, raw) rows.
         """
         dim = self.input_dim
-        layers = [*self.hidden, self.output]
-        ordered = []
-        for index, layer in enumerate(layers):
+
+        def read_input(weight: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+            inputs, context_weight = weight[:, :dim], weight[:, dim:]
+            if context is not None:
+                offset = torch.addmm(offset, context_weight, context.t())
+            return inputs[:, self.order], offset
+
+        def per_position(rows: Tensor) -> Tensor:
+            return torch.stack([rows[:dim], rows[dim:]], 1)[self.order]
+
+        hidden = []
+        for index, layer in enumerate([*self.hidden, self.output]):
             weight_t, bias = layer.masked_affine()
             weight, offset = weight_t.t(), bias[:, None]
             if index == 0:
-                inputs, context_weight = weight[:, :dim], weight[:, dim:]
-                weight = inputs[:, self.order]
-                if context is not None:
-                    offset = torch.addmm(offset, context_weight, context.t())
-            if index == len(layers) - 1:
-                weight = torch.stack([weight[:dim], weight[dim:]], 1)[self.order]
-                offset = torch.stack([offset[:dim], offset[dim:]], 1)[self.order]
-            ordered.append((weight, offset))
-        return ordered
+                weight, offset = read_input(weight, offset)
+            hidden.append((weight, offset))
+        weight, offset = hidden.pop()
+        skip = None
+        if self.skip_connections:
+            weight, skip = weight[:, : self.hidden_dims[-1]], weight[:, self.hidden_dims[-1] :]
+            skip, offset = read_input(skip, offset)
+            skip = per_position(skip)
+        return hidden, (per_position(weight), skip, per_position(offset))
 
     def _recur_incrementally(
         self, w: Tensor, solve: Solve, context: Tensor | None
@@ -338,7 +386,7 @@ class MaskedConditioner(Conditioner):
         # Activations are kept transposed, (units, batch), so a prefix of units is contiguous.
         batch, dim = w.shape
         w_ordered = w.t()[self.order]
-        *hidden, (out_weight, out_offset) = self._ordered_layers(context)
+        hidden, (out_weight, skip, out_offset) = self._ordered_layers(context)
         known = [w.new_zeros(0, batch) for _ in range(len(hidden) + 1)]  # [inputs, hidden...]
         through = self._units_through
         params = []
@@ -357,6 +405,8 @@ class MaskedConditioner(Conditioner):
                     known[layer] = torch.cat([known[layer], block])
             top = known[-1][: through[-1][t]]
             step = torch.matmul(out_weight[t, :, : top.shape[0]], top) + out_offset[t]
+            if skip is not None:
+                step = step + torch.matmul(skip[t, :, :t], known[0])
             value = solve(step[0], step[1], w_ordered[t])
             known[0] = torch.cat([known[0], value[None]])
             params.append(step)
@@ -372,7 +422,7 @@ class MaskedConditioner(Conditioner):
         that version moves O(D x width x batch) memory per layer on top of the arithmetic)."""
         batch, dim = w.shape
         w_ordered = w.t()[self.order]
-        *hidden, (out_weight, out_offset) = self._ordered_layers(context)
+        hidden, (out_weight, skip, out_offset) = self._ordered_layers(context)
         known = [w.new_empty(dim, batch)] + [w.new_empty(h, batch) for h in self.hidden_dims]
         params = w.new_empty(dim, 2, batch)
         through = self._units_through
@@ -397,10 +447,15 @@ class MaskedConditioner(Conditioner):
                         block.copy_(activated)
             count = through[-1][t]
             torch.addmm(out_offset[t], out_weight[t, :, :count], known[-1][:count], out=params[t])
+            if skip is not None:
+                params[t].addmm_(skip[t, :, :t], known[0][:t])
             known[0][t] = solve(params[t, 0], params[t, 1], w_ordered[t])
         u = known[0][self.rank].t()
         loc, raw = params[self.rank].permute(1, 2, 0)
         return u, loc, raw
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, hidden_dims={self.hidden_dims}, residual={self.residual}"
+        return (
+            f"{super().extra_repr()}, hidden_dims={self.hidden_dims}, residual={self.residual}, "
+            f"skip_connections={self.skip_connections}"
+        )
