@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         },
         options={
             "--length": (REFERENCE_LENGTH, "number of returns T"),
-            "--mcmc-draws": (200, "NUTS draws per chain (after as many warm-up steps)"),
+            "--mcmc-draws": (500, "NUTS draws per chain (after as many warm-up steps)"),
         },
         lists={"--guides": "fit only these guides (names as in the table)"},
     )
