@@ -124,7 +124,7 @@ def train(
     converged = diverged = False
     start = time.perf_counter()
     with tqdm(total=max_steps, desc=f"{label:>28s}", leave=False) as bar:
-        while len(elbo) < max_steps and not (converged or diverged):
+        while len(elbo) < max_steps and not converged:
             try:
                 loss = svi.step(*data)
             except ValueError:

@@ -205,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         args.out,
         "stochastic_volatility",
     )
-    if reference is not None and not args.no_mcmc and "AutoARFlow('iaf')" in guides:
+    # bands holds the guides that did not diverge: NeuTra needs a trained one
+    if reference is not None and not args.no_mcmc and "AutoARFlow('iaf')" in bands:
         samplers = compare_samplers(
             guides["AutoARFlow('iaf')"], returns, reference, true_log_vol, args
         )

@@ -76,9 +76,10 @@ class LinearAutoregression(_LastPair, TransformModule):
         order = resolve_order(input_dim, ordering, seed).to(torch.empty(0).device)
         self.input_dim = len(order)
         self.register_buffer("order", order)
-        self.register_buffer("rank", torch.argsort(order), persistent=False)
+        self.register_buffer("rank", torch.empty_like(order), persistent=False)
+        self._natural = False
+        _rebuild_after_load(self, None)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
-        self._natural = bool((order == torch.arange(len(order), device=order.device)).all())
         self.weight = nn.Parameter(torch.zeros(self.input_dim, self.input_dim))
 
     def _unit_upper(self) -> Tensor:
@@ -135,7 +136,8 @@ def linear_autoregression(
 
 
 def _rebuild_after_load(module: LinearAutoregression, incompatible_keys: object) -> None:
-    """A loaded state dict may bring another order: rebuild what derives from it."""
+    """Derive ``rank`` and whether the order is the identity from ``order``: at construction,
+    and again when a loaded state dict brings another order."""
     module.rank.copy_(torch.argsort(module.order))
     arange = torch.arange(module.input_dim, device=module.order.device)
     module._natural = bool((module.order == arange).all())
