@@ -178,9 +178,10 @@ class MaskedConditioner(Conditioner):
         residual: add each hidden layer's input to its output (all widths must be equal).
         skip_connections: let the output layer also read the network's input (and context)
             directly, through the same strictly autoregressive mask: ``loc`` and
-            ``raw_scale`` become a linear autoregression plus the hidden layers' correction
-            (below). Default ``False`` (below); no effect without hidden layers, whose output layer
-            reads the input anyway.
+            ``raw_scale`` become a linear autoregression plus the hidden layers' correction.
+            Default ``False``: what they are for is below, but on the volatility example
+            they did not measurably help (README). No effect without hidden layers, whose
+            output layer reads the input anyway.
         activation: the nonlinearity, an elementwise ``nn.Module`` class or instance. A class
             that takes ``inplace`` (``nn.ReLU``, ``nn.ELU``, ...) is built with
             ``inplace=True``: it only ever sees pre-activations this network just computed, so
@@ -305,9 +306,7 @@ class MaskedConditioner(Conditioner):
 
         blocks = [strictly_before(in_degrees)]
         if self.skip_connections:
-            import os
-
-            blocks.append(strictly_before(rank) * float(os.environ.get("SKIPF", "1")))
+            blocks.append(strictly_before(rank))
         if self.skip_connections or not self.hidden_dims:
             blocks.append(torch.ones(2 * self.input_dim, context_width, device="cpu"))
         self.output.set_mask(torch.cat(blocks, dim=1))
