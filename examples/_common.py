@@ -17,7 +17,7 @@ import pyro.distributions as dist
 import torch
 from matplotlib.figure import Figure
 from pyro.distributions import constraints
-from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import ClippedAdam, PyroOptim
@@ -230,6 +230,31 @@ def khat_median(model: Callable, guide: Callable, data: tuple, draws: int) -> fl
     """
     khats = [af.psis_khat(model, guide, *data, num_particles=draws) for _ in range(KHAT_REPEATS)]
     return float(torch.tensor(khats).median())
+
+
+def guide_draws(
+    model: Callable, guide: Callable, data: tuple, draws: int, sites: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """``draws`` draws of ``sites`` from a fitted guide, each shaped ``(draws, *site_shape)``
+    (scalar sites ``(draws,)``)."""
+    with torch.no_grad():
+        values = Predictive(
+            model, guide=guide, num_samples=draws, parallel=True, return_sites=list(sites)
+        )(*data)
+    return {site: value.reshape(draws, -1).squeeze(-1) for site, value in values.items()}
+
+
+def fit_columns(
+    fit: Fit, model: Callable, guide: Callable, data: tuple, draws: int
+) -> dict[str, Any]:
+    """The columns every guide's row starts with: steps and how training ended, then (unless it
+    diverged, leaving nothing to score) seconds, ELBO and k-hat."""
+    columns: dict[str, Any] = {"steps": fit.steps, "converged": fit.status}
+    if not fit.diverged:
+        columns["seconds"] = fit.seconds
+        columns["ELBO"] = elbo_estimate(model, guide, data)
+        columns[f"PSIS k-hat (median of {KHAT_REPEATS})"] = khat_median(model, guide, data, draws)
+    return columns
 
 
 def print_table(title: str, rows: list[dict[str, Any]], out: Path, name: str) -> str:

@@ -38,8 +38,8 @@ from _common import (
     AR1Path,
     chosen,
     comparison_guides,
-    elbo_estimate,
-    khat_median,
+    fit_columns,
+    guide_draws,
     parse_args,
     plot_elbo_traces,
     posterior_error,
@@ -50,7 +50,6 @@ from _common import (
     train,
     write_reference,
 )
-from pyro.infer import Predictive
 from pyro.infer.autoguide.initialization import init_to_median
 
 import pyro_arflow as af
@@ -157,17 +156,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         guide = make_guide()
         fit = fits[name] = train(model, guide, (FLOW,), args.steps, name, lr=0.02)
         if fit.diverged:  # nothing to score: the row says so
-            rows.append({"method": name, "steps": fit.steps, "converged": fit.status})
+            rows.append({"method": name, **fit_columns(fit, model, guide, (FLOW,), args.draws)})
             continue
-        with torch.no_grad():
-            draws = Predictive(
-                model,
-                guide=guide,
-                num_samples=args.draws,
-                parallel=True,
-                return_sites=["level", *GLOBALS],
-            )(FLOW)
-        draws = {site: value.reshape(args.draws, -1).squeeze(-1) for site, value in draws.items()}
+        draws = guide_draws(model, guide, (FLOW,), args.draws, ["level", *GLOBALS])
         bands[name] = torch.quantile(draws["level"], torch.tensor([0.05, 0.95]), dim=0)
         error, log_sd = posterior_error(draws, reference, ["level", *GLOBALS])
         level_error, level_log_sd = posterior_error(draws, reference, ["level"])
@@ -175,11 +166,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows.append(
             {
                 "method": name,
-                "steps": fit.steps,
-                "converged": fit.status,
-                "seconds": fit.seconds,
-                "ELBO": elbo_estimate(model, guide, (FLOW,)),
-                "PSIS k-hat (median of 5)": khat_median(model, guide, (FLOW,), args.draws),
+                **fit_columns(fit, model, guide, (FLOW,), args.draws),
                 "mean err (sd)": error,
                 "log-sd err": log_sd,
                 "level mean err (sd)": level_error,

@@ -46,8 +46,8 @@ from _common import (
     Chains,
     chosen,
     comparison_guides,
-    elbo_estimate,
-    khat_median,
+    fit_columns,
+    guide_draws,
     parse_args,
     plot_elbo_traces,
     posterior_error,
@@ -59,7 +59,6 @@ from _common import (
     write_reference,
 )
 from pyro import poutine
-from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.reparam import NeuTraReparam
@@ -172,26 +171,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         guide = guides[name] = make_guide()
         fit = fits[name] = train(model, guide, (returns,), args.steps, name)
         if fit.diverged:  # nothing to score: the row says so
-            rows.append({"guide": name, "steps": fit.steps, "converged": fit.status})
+            rows.append({"guide": name, **fit_columns(fit, model, guide, (returns,), args.draws)})
             continue
-        with torch.no_grad():
-            draws = Predictive(
-                model,
-                guide=guide,
-                num_samples=args.draws,
-                parallel=True,
-                return_sites=["log_vol", *GLOBALS],
-            )(returns)
-        draws = {site: value.reshape(args.draws, -1).squeeze(-1) for site, value in draws.items()}
+        draws = guide_draws(model, guide, (returns,), args.draws, ["log_vol", *GLOBALS])
         bands[name] = torch.quantile(draws["log_vol"], torch.tensor([0.05, 0.5, 0.95]), dim=0)
         rows.append(
             {
                 "guide": name,
-                "steps": fit.steps,
-                "converged": fit.status,
-                "seconds": fit.seconds,
-                "ELBO": elbo_estimate(model, guide, (returns,)),
-                "PSIS k-hat (median of 5)": khat_median(model, guide, (returns,), args.draws),
+                **fit_columns(fit, model, guide, (returns,), args.draws),
                 **scores(draws, reference, true_log_vol, bands[name]),
             }
         )
