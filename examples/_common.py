@@ -1,4 +1,4 @@
-"""What the examples share: command line, fits with a progress bar, ELBO estimates, tables."""
+"""What the examples share: command line, scores against NUTS, ELBO estimates, tables, NUTS runs."""
 
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import pyro
-import pyro.distributions as dist
 import torch
 from matplotlib.figure import Figure
-from pyro.distributions import constraints
-from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
+from pyro.infer import MCMC, NUTS, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.optim import ClippedAdam, PyroOptim
-from tqdm.auto import tqdm
 
 import pyro_arflow as af
 
@@ -56,125 +52,6 @@ def parse_args(
     return parser.parse_args(argv)
 
 
-@dataclass
-class Fit:
-    """One guide's training: the ELBO estimate of every step, the time, how it ended.
-
-    ``flat_at`` is the step at which the ELBO was flat by the rule (``None`` if the budget ran
-    out first); the annealing steps follow it and are counted in ``steps``.
-    """
-
-    elbo: list[float]
-    seconds: float
-    flat_at: int | None
-    diverged: bool = False
-
-    @property
-    def status(self) -> str:
-        if self.diverged:
-            return f"diverged (step {self.steps + 1})"
-        return "no (budget)" if self.flat_at is None else f"yes (flat at {self.flat_at})"
-
-    @property
-    def steps(self) -> int:
-        return len(self.elbo)
-
-    def smoothed(self, window: int) -> tuple[list[int], list[float]]:
-        """Mean ELBO of each full window of steps, at the window's last step."""
-        means = torch.tensor(self.elbo[: self.steps // window * window]).view(-1, window).mean(1)
-        return [window * (k + 1) for k in range(len(means))], means.tolist()
-
-
-CONVERGENCE_WINDOW, CONVERGENCE_WINDOWS, CONVERGENCE_SLOPE = 250, 16, 0.25
-ANNEAL_STEPS, ANNEAL_DECAY = 2000, 0.1
-
-
-def elbo_trend(elbo: Sequence[float]) -> float:
-    """Nats gained per 1000 steps: the least-squares slope through the means of the last
-    ``CONVERGENCE_WINDOWS`` windows of ``CONVERGENCE_WINDOW`` steps."""
-    span = CONVERGENCE_WINDOW * CONVERGENCE_WINDOWS
-    means = torch.tensor(elbo[-span:], dtype=torch.float64).view(CONVERGENCE_WINDOWS, -1).mean(1)
-    steps = torch.arange(CONVERGENCE_WINDOWS, dtype=torch.float64) * CONVERGENCE_WINDOW
-    steps, means = steps - steps.mean(), means - means.mean()
-    return 1000 * float((steps * means).sum() / (steps * steps).sum())
-
-
-def train(
-    model: Callable,
-    guide: Callable,
-    data: tuple,
-    max_steps: int,
-    label: str,
-    lr: float = 0.01,
-    particles: int = 4,
-) -> Fit:
-    """Train until the ELBO stops improving, then anneal; at most ``max_steps`` steps in all.
-
-    The optimizer is ClippedAdam (gradient norm clipped at 10), the same schedule for every
-    guide, in two phases:
-
-    1. Until flat: the learning rate decays 10x over ``max_steps``. Every 250 steps, once 4000
-       are done, fit a line through the mean ELBOs of the last 16 windows of 250 steps; the
-       phase ends when it rises by less than 0.25 nats per 1000 steps, or when only the
-       annealing steps are left of the budget. (With 4 particles a window's mean is uncertain
-       by about 0.3 nats, the slope by about 0.07 nats per 1000 steps, so a guide still
-       climbing at 0.25 is seen to climb. A rule comparing windows with the best one so far
-       stops too early: the best is biased upward by the noise.)
-    2. Anneal: ``min(2000, max_steps // 5)`` more steps, the learning rate decaying another
-       10x. A flat trace says the optimizer no longer gains on average, not that the
-       parameters stand still: at the rule's stop they wander at the learning rate of the
-       moment, and so do the posterior means they give. (Stochastic volatility, LSTM guide,
-       against the target-0.9 NUTS reference: mean error 0.101 NUTS sd at the rule's stop,
-       0.068 after the anneal.)
-
-    A guide whose training diverges (a non-finite loss, or the ``ValueError`` Pyro's or this
-    package's validation raises for one) stops there, marked ``diverged``: a comparison should
-    show a baseline that fails, not crash on it.
-    """
-    anneal = min(ANNEAL_STEPS, max_steps // 5)
-    optimizer = ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / max(max_steps, 1)), "clip_norm": 10.0})
-    svi = SVI(
-        model, guide, optimizer, Trace_ELBO(num_particles=particles, vectorize_particles=True)
-    )
-    elbo: list[float] = []
-    flat_at: int | None = None
-    start = time.perf_counter()
-    with tqdm(total=max_steps, desc=f"{label:>28s}", leave=False) as bar:
-
-        def step() -> bool:
-            """One SVI step; False (nothing recorded) if its loss is not finite."""
-            try:
-                loss = svi.step(*data)
-            except ValueError:
-                loss = math.nan
-            if math.isfinite(loss):
-                elbo.append(-loss)
-                bar.update()
-            return math.isfinite(loss)
-
-        while len(elbo) < max_steps - anneal and flat_at is None:
-            if not step():
-                return Fit(elbo, time.perf_counter() - start, flat_at, diverged=True)
-            if len(elbo) % CONVERGENCE_WINDOW == 0:
-                window = sum(elbo[-CONVERGENCE_WINDOW:]) / CONVERGENCE_WINDOW
-                bar.set_postfix(elbo=f"{window:.1f}")
-                span = CONVERGENCE_WINDOW * CONVERGENCE_WINDOWS
-                if len(elbo) >= span and elbo_trend(elbo) < CONVERGENCE_SLOPE:
-                    flat_at = len(elbo)
-        _set_decay(optimizer, ANNEAL_DECAY ** (1 / max(anneal, 1)))
-        for _ in range(anneal):
-            if not step():
-                return Fit(elbo, time.perf_counter() - start, flat_at, diverged=True)
-    return Fit(elbo, time.perf_counter() - start, flat_at)
-
-
-def _set_decay(optimizer: PyroOptim, per_step: float) -> None:
-    """From now on, every parameter's learning rate is multiplied by ``per_step`` each step."""
-    for parameter_optimizer in optimizer.optim_objs.values():
-        for group in parameter_optimizer.param_groups:
-            group["lrd"] = per_step
-
-
 def posterior_error(
     draws: dict[str, torch.Tensor], reference: dict[str, dict], sites: Sequence[str]
 ) -> tuple[float, float]:
@@ -190,17 +67,20 @@ def posterior_error(
     return torch.cat(errors).mean().item(), torch.cat(log_ratios).mean().item()
 
 
-def plot_elbo_traces(axis: Any, fits: dict[str, Fit]) -> None:
-    """Each guide's ELBO, averaged over windows of 250 steps (fewer for short smoke runs),
+ELBO_WINDOW = 100
+
+
+def plot_elbo_traces(axis: Any, fits: dict[str, af.FitResult]) -> None:
+    """Each guide's ELBO, averaged over windows of 100 steps (fewer for short smoke runs),
     against the step; the vertical range is the top 40 nats, where the guides finish."""
-    finished = [fit.steps for fit in fits.values() if not fit.diverged] or [CONVERGENCE_WINDOW]
-    window = max(1, min(CONVERGENCE_WINDOW, min(finished) // 4))
+    finished = [fit.steps for fit in fits.values() if not fit.diverged] or [ELBO_WINDOW]
+    window = max(1, min(ELBO_WINDOW, min(finished) // 4))
     for name, fit in fits.items():
         label = f"{name} ({fit.status if fit.diverged else f'{fit.steps} steps'})"
         axis.plot(*fit.smoothed(window), label=label, linewidth=1.0)
     top = max(max(fit.smoothed(window)[1], default=-math.inf) for fit in fits.values())
     axis.set_ylim(top - 40, top + 5)
-    axis.set_title("ELBO while training: until flat by the rule or out of budget, then annealed")
+    axis.set_title("ELBO while training with af.fit: until flat or out of budget, then annealed")
     axis.set_xlabel("step")
     axis.set_ylabel(f"ELBO, mean of {window} steps")
     axis.legend(fontsize=7, loc="lower right")
@@ -245,7 +125,7 @@ def guide_draws(
 
 
 def fit_columns(
-    fit: Fit, model: Callable, guide: Callable, data: tuple, draws: int
+    fit: af.FitResult, model: Callable, guide: Callable, data: tuple, draws: int
 ) -> dict[str, Any]:
     """The columns every guide's row starts with: steps and how training ended, then (unless it
     diverged, leaving nothing to score) seconds, ELBO and k-hat."""
@@ -286,22 +166,28 @@ def comparison_guides(
     model: Callable, init_loc_fn: Callable = init_to_median
 ) -> dict[str, Callable[[], Any]]:
     """The guides the latent time-series examples compare: mean field, full-rank Gaussian,
-    Pyro's IAF guide, and ours with a masked and with an LSTM conditioner (same widths).
+    Pyro's IAF guide, ours flat with a masked and with an LSTM conditioner (same widths as
+    Pyro's), and ours built around the model's path prior.
 
     All start from ``init_loc_fn`` but Pyro's ``AutoIAFNormal``, which ignores it (it starts
-    at N(0, I) in the unconstrained space).
+    at N(0, I) in the unconstrained space), and the prior-structured guide's path, which
+    starts as the prior.
     """
     return {
         "AutoNormal": lambda: AutoNormal(model, init_loc_fn=init_loc_fn),
         "AutoMultivariateNormal": lambda: AutoMultivariateNormal(model, init_loc_fn=init_loc_fn),
         "Pyro AutoIAFNormal": lambda: AutoIAFNormal(model, hidden_dim=[256], num_transforms=2),
-        "AutoARFlow('iaf')": lambda: af.AutoARFlow(
-            model, flow="iaf", num_flows=2, hidden_dims=[256], init_loc_fn=init_loc_fn
+        "AutoARFlow('iaf', flat)": lambda: af.AutoARFlow(
+            model, flow="iaf", hidden_dims=[256], init_loc_fn=init_loc_fn, paths="flat"
         ),
-        "AutoARFlow('iaf-lstm')": lambda: af.AutoARFlow(
-            model, flow="iaf-lstm", num_flows=2, hidden_size=32, init_loc_fn=init_loc_fn
+        "AutoARFlow('iaf-lstm', flat)": lambda: af.AutoARFlow(
+            model, flow="iaf-lstm", hidden_size=32, init_loc_fn=init_loc_fn, paths="flat"
         ),
+        PRIOR_STRUCTURED: lambda: af.AutoARFlow(model, init_loc_fn=init_loc_fn),
     }
+
+
+PRIOR_STRUCTURED = "AutoARFlow (prior-structured)"
 
 
 def chosen(
@@ -330,83 +216,6 @@ def save_figure(figure: Figure, path: Path) -> None:
 def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
-
-
-class AR1Path(dist.TorchDistribution):
-    """A Gaussian AR(1) path h_1..h_T as one distribution (event shape (T,)):
-
-        h_1 ~ Normal(loc, initial_scale),  h_t ~ Normal(loc + coefficient (h_{t-1} - loc), scale).
-
-    coefficient in (-1, 1) with initial_scale = scale / sqrt(1 - coefficient^2) is the
-    stationary AR(1); coefficient = 1 with initial_scale = scale is a random walk from loc.
-    """
-
-    arg_constraints = {
-        "loc": constraints.real,
-        "coefficient": constraints.real,
-        "scale": constraints.positive,
-        "initial_scale": constraints.positive,
-    }
-    support = constraints.real_vector
-
-    def __init__(
-        self, loc, coefficient, scale, initial_scale, length: int, validate_args=None
-    ) -> None:
-        params = torch.broadcast_tensors(
-            *(
-                torch.as_tensor(p, dtype=torch.get_default_dtype())
-                for p in (loc, coefficient, scale, initial_scale)
-            )
-        )
-        self.loc, self.coefficient, self.scale, self.initial_scale = params
-        self.length = length
-        super().__init__(self.loc.shape, torch.Size([length]), validate_args)
-
-    def log_prob(self, h: torch.Tensor) -> torch.Tensor:
-        loc, coefficient, scale, initial_scale = (
-            p.unsqueeze(-1) for p in (self.loc, self.coefficient, self.scale, self.initial_scale)
-        )
-        previous = torch.cat([loc.expand(h.shape[:-1] + (1,)), h[..., :-1]], dim=-1)
-        first = torch.arange(self.length, device=h.device) == 0
-        conditional = dist.Normal(
-            loc + coefficient * (previous - loc), torch.where(first, initial_scale, scale)
-        )
-        return conditional.log_prob(h).sum(-1)
-
-    def path(self, innovations: torch.Tensor) -> torch.Tensor:
-        """The path whose standardized innovations are ``innovations`` (shape ``(..., T)``):
-
-            h_t - loc = sum_{k <= t} coefficient^(t - k) s_k e_k,
-            s_1 = initial_scale, s_k = scale (k > 1),
-
-        one triangular matrix product (O(T^2), no loop over t): the non-centered form of the
-        same distribution, in which NUTS mixes far faster.
-        """
-        loc, coefficient, scale, initial_scale = (
-            p.unsqueeze(-1) for p in (self.loc, self.coefficient, self.scale, self.initial_scale)
-        )
-        time = torch.arange(self.length, device=innovations.device)
-        first = time == 0
-        lag = (time[:, None] - time[None, :]).clamp(min=0).to(innovations.dtype)
-        powers = coefficient.unsqueeze(-1) ** lag * (time[:, None] >= time[None, :])
-        shocks = torch.where(first, initial_scale, scale) * innovations
-        return loc + (powers @ shocks.unsqueeze(-1)).squeeze(-1)
-
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        with torch.no_grad():
-            return self.path(torch.randn(self._extended_shape(sample_shape)))
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(AR1Path, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.loc, new.coefficient, new.scale, new.initial_scale = (
-            p.expand(batch_shape)
-            for p in (self.loc, self.coefficient, self.scale, self.initial_scale)
-        )
-        new.length = self.length
-        super(AR1Path, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
 
 
 @dataclass

@@ -15,7 +15,7 @@ draws after 500 warm-up steps at target acceptance 0.9, run on the non-centered 
 same model, which has the same posterior), whose means and standard deviations live in
 ``data/nile_nuts_reference.json``; NUTS takes longer than the example's time budget, so the
 option above regenerates the file. Every guide trains until its ELBO is flat, then anneals
-(the rule is in ``_common.train``). The table scores each guide against NUTS: the mean error
+(the rule is ``af.fit``'s). The table scores each guide against NUTS: the mean error
 of the posterior means and the mean |log ratio| of the posterior sds, in NUTS sds, over all
 103 latents and over the three globals.
 """
@@ -35,7 +35,6 @@ import pyro.distributions as dist
 import torch
 from _common import (
     DRAWS_OPTION,
-    AR1Path,
     chosen,
     comparison_guides,
     fit_columns,
@@ -47,7 +46,6 @@ from _common import (
     run_nuts,
     save_figure,
     seed_everything,
-    train,
     write_reference,
 )
 from pyro.infer.autoguide.initialization import init_to_median
@@ -76,7 +74,9 @@ def model(flow: torch.Tensor) -> None:
     start = pyro.sample("start", dist.Normal(10.0, 5.0))
     level_scale = pyro.sample("level_scale", dist.HalfNormal(2.0))
     noise_scale = pyro.sample("noise_scale", dist.HalfNormal(4.0))
-    walk = AR1Path(start, torch.ones_like(start), level_scale, level_scale, len(flow))
+    walk = af.GaussianPath(
+        lambda x, t: (x, level_scale), dist.Normal(start, level_scale), len(flow)
+    )
     level = pyro.sample("level", walk)
     pyro.sample("flow", dist.Normal(level, noise_scale.unsqueeze(-1)).to_event(1), obs=flow)
 
@@ -120,13 +120,13 @@ def init_level_at_flow(site: dict) -> torch.Tensor:
 
 GUIDES = comparison_guides(model, init_loc_fn=init_level_at_flow)
 OPTIONAL_GUIDES = {
-    "AutoARFlow('iaf-lstm', linear)": lambda: af.AutoARFlow(
+    "AutoARFlow('iaf-lstm', linear, flat)": lambda: af.AutoARFlow(
         model,
         flow="iaf-lstm",
-        num_flows=2,
         hidden_size=32,
         linear_autoregression=True,
         init_loc_fn=init_level_at_flow,
+        paths="flat",
     )
 }
 
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for name, make_guide in chosen(GUIDES, args.guides, OPTIONAL_GUIDES).items():
         seed_everything(args.seed)
         guide = make_guide()
-        fit = fits[name] = train(model, guide, (FLOW,), args.steps, name, lr=0.02)
+        fit = fits[name] = af.fit(model, guide, FLOW, max_steps=args.steps, progress=False)
         if fit.diverged:  # nothing to score: the row says so
             rows.append({"method": name, **fit_columns(fit, model, guide, (FLOW,), args.draws)})
             continue

@@ -14,7 +14,7 @@ The model (centered parametrization; Kim, Shephard and Chib 1998):
 
 on T returns simulated from persistence 0.95, mean -1, shock 0.25 (a fixed seed, so the data
 are the same on every run). Every guide trains until its ELBO is flat, then anneals (the
-rule is in ``_common.train``). At T = 200 each one is scored against a NUTS reference (2 chains
+rule is ``af.fit``'s). At T = 200 each one is scored against a NUTS reference (2 chains
 of 2000 draws at target acceptance 0.95 on the non-centered form of the model, which has the
 same posterior; its summary ships in ``data/sv_nuts_reference.json``): the mean error of the
 posterior means and the mean |log ratio| of the posterior sds, in NUTS sds, over all 203
@@ -42,7 +42,7 @@ import pyro.distributions as dist
 import torch
 from _common import (
     DRAWS_OPTION,
-    AR1Path,
+    PRIOR_STRUCTURED,
     Chains,
     chosen,
     comparison_guides,
@@ -55,7 +55,6 @@ from _common import (
     run_nuts,
     save_figure,
     seed_everything,
-    train,
     write_reference,
 )
 from pyro import poutine
@@ -79,6 +78,15 @@ def model(returns: torch.Tensor) -> None:
     pyro.sample("returns", dist.Normal(0.0, torch.exp(log_vol / 2)).to_event(1), obs=returns)
 
 
+def ar1_path(mean, persistence, shock, length: int) -> af.GaussianPath:
+    """The stationary AR(1) prior of the log-volatility path."""
+    return af.GaussianPath(
+        lambda h, t: (mean + persistence * (h - mean), shock),
+        dist.Normal(mean, shock / torch.sqrt(1 - persistence**2)),
+        length,
+    )
+
+
 def non_centered_model(returns: torch.Tensor) -> None:
     """The same joint distribution, the path written through its standardized innovations:
     the same posterior, in a geometry NUTS explores far faster (the reference sampler)."""
@@ -88,13 +96,25 @@ def non_centered_model(returns: torch.Tensor) -> None:
     innovations = pyro.sample(
         "innovations", dist.Normal(torch.zeros(len(returns)), 1.0).to_event(1)
     )
-    log_vol = ar1_path(mean, persistence, shock, len(returns)).path(innovations)
+    log_vol = path_from_innovations(mean, persistence, shock, innovations)
     pyro.sample("returns", dist.Normal(0.0, torch.exp(log_vol / 2)).to_event(1), obs=returns)
 
 
-def ar1_path(mean, persistence, shock, length: int) -> AR1Path:
-    """The stationary AR(1) prior of the log-volatility path."""
-    return AR1Path(mean, persistence, shock, shock / torch.sqrt(1 - persistence**2), length)
+def path_from_innovations(mean, persistence, shock, innovations) -> torch.Tensor:
+    """The stationary AR(1) path whose standardized innovations are ``innovations``:
+
+        h_t - mean = sum_{k <= t} persistence^(t - k) s_k e_k,
+        s_1 = shock / sqrt(1 - persistence^2), s_k = shock (k > 1),
+
+    one triangular matrix product (no loop over t, which NUTS differentiates many times).
+    """
+    mean, persistence, shock = (p.unsqueeze(-1) for p in (mean, persistence, shock))
+    time = torch.arange(innovations.shape[-1])
+    lag = (time[:, None] - time[None, :]).clamp(min=0).to(innovations.dtype)
+    powers = persistence.unsqueeze(-1) ** lag * (time[:, None] >= time[None, :])
+    first = shock / torch.sqrt(1 - persistence**2)
+    shocks = torch.where(time == 0, first, shock) * innovations
+    return mean + (powers @ shocks.unsqueeze(-1)).squeeze(-1)
 
 
 def simulate(length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,9 +137,10 @@ def guides_for(length: int) -> dict:
         "AutoLowRankMVN (rank 10)": lambda: AutoLowRankMultivariateNormal(
             model, init_loc_fn=init_to_median, rank=10
         ),
-        "AutoARFlow('iaf-lstm')": lambda: af.AutoARFlow(
-            model, flow="iaf-lstm", num_flows=2, hidden_size=32, init_loc_fn=init_to_median
+        "AutoARFlow('iaf-lstm', flat)": lambda: af.AutoARFlow(
+            model, flow="iaf-lstm", hidden_size=32, init_loc_fn=init_to_median, paths="flat"
         ),
+        PRIOR_STRUCTURED: lambda: af.AutoARFlow(model, init_loc_fn=init_to_median),
     }
 
 
@@ -130,16 +151,8 @@ def regenerate_reference(seed: int, chains: int = 2, warmup: int = 1000, draws: 
     _, returns = simulate(REFERENCE_LENGTH)
     run = run_nuts(non_centered_model, (returns,), chains, warmup, draws, seed, target_accept=0.95)
     innovations = run.draws.pop("innovations")
-    run.draws["log_vol"] = torch.stack(
-        [
-            ar1_path(
-                run.draws["mean"][c],
-                run.draws["persistence"][c],
-                run.draws["shock"][c],
-                len(returns),
-            ).path(innovations[c])
-            for c in range(chains)
-        ]
+    run.draws["log_vol"] = path_from_innovations(
+        run.draws["mean"], run.draws["persistence"], run.draws["shock"], innovations
     )
     write_reference(REFERENCE, run)
 
@@ -169,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for name, make_guide in chosen(guides_for(args.length), args.guides).items():
         seed_everything(args.seed)
         guide = guides[name] = make_guide()
-        fit = fits[name] = train(model, guide, (returns,), args.steps, name)
+        fit = fits[name] = af.fit(model, guide, returns, max_steps=args.steps, progress=False)
         if fit.diverged:  # nothing to score: the row says so
             rows.append({"guide": name, **fit_columns(fit, model, guide, (returns,), args.draws)})
             continue
@@ -190,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "stochastic_volatility",
     )
     # bands holds the guides that did not diverge: NeuTra needs a trained one
-    if reference is not None and not args.no_mcmc and "AutoARFlow('iaf')" in bands:
+    if reference is not None and not args.no_mcmc and "AutoARFlow('iaf', flat)" in bands:
         samplers = compare_samplers(
-            guides["AutoARFlow('iaf')"], returns, reference, true_log_vol, args
+            guides["AutoARFlow('iaf', flat)"], returns, reference, true_log_vol, args
         )
         print_table(
             f"NUTS on the centered model, 2 chains x {args.mcmc_draws} draws after as many "

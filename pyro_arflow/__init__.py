@@ -1,11 +1,14 @@
 """Gaussian autoregressive normalizing flows (IAF, MAF; MADE and LSTM conditioners) for Pyro."""
 
+from ._checks import flush_finite_checks
 from .conditioners import LSTMConditioner, MaskedConditioner
 from .diagnostics import psis_khat, to_inference_data
 from .distributed import init_parameters
 from .distributions import GaussianAutoregressive
+from .fitting import FitResult, fit
 from .guides import AutoARFlow
 from .linear import LinearAutoregression, linear_autoregression
+from .paths import GaussianPath
 from .priors import FlowPrior
 from .registry import available_flows, build_flow, get_flow, register_flow
 from .transforms import (
@@ -20,7 +23,7 @@ from .transforms import (
     maf,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "IAF",
@@ -28,8 +31,10 @@ __all__ = [
     "AutoARFlow",
     "ConditionalIAF",
     "ConditionalMAF",
+    "FitResult",
     "FlowPrior",
     "GaussianAutoregressive",
+    "GaussianPath",
     "LSTMConditioner",
     "LinearAutoregression",
     "MaskedConditioner",
@@ -38,6 +43,8 @@ __all__ = [
     "build_flow",
     "conditional_iaf",
     "conditional_maf",
+    "fit",
+    "flush_finite_checks",
     "get_flow",
     "iaf",
     "init_parameters",

@@ -125,7 +125,15 @@ def check_finite(value: Tensor, message: Message) -> None:
 
 
 def flush_finite_checks() -> None:
-    """Wait for every deferred (CUDA) finiteness check and raise for the first that failed."""
+    """Wait for every deferred (CUDA) finiteness check and raise for the first that failed.
+
+    On the CPU every check reads back at once, so there is nothing to wait for.
+
+    Example::
+
+        >>> import pyro_arflow as af
+        >>> af.flush_finite_checks()  # after a run on CUDA: raises if a check failed
+    """
     for checks in _DEFERRED.values():
         checks.flush()
 

@@ -20,6 +20,7 @@ from pyro.infer.importance import psis_diagnostic
 from pyro.poutine.util import site_is_subsample
 
 from ._checks import check_positive_int
+from ._model_checks import subsampled_plates
 
 if TYPE_CHECKING:
     import arviz as az
@@ -45,9 +46,13 @@ def psis_khat(
         max_simultaneous_particles: draws per vectorized batch (a divisor of
             ``num_particles``); default all at once.
         max_plate_nesting: bound on the plates nested in the model.
+
+    The importance ratios need the whole data: a model whose plate subsamples (a minibatch)
+    raises ``ValueError``; call it with arguments that use every data point.
     """
     if check_positive_int(num_particles, "num_particles") < 2:
         raise ValueError(f"num_particles must be an int >= 2, got {num_particles!r}")
+    _check_full_data(model, "psis_khat", args, kwargs)
     with torch.no_grad():
         khat = psis_diagnostic(
             model,
@@ -59,6 +64,18 @@ def psis_khat(
             **kwargs,
         )
     return float(khat)
+
+
+def _check_full_data(model: Callable, caller: str, args: tuple, kwargs: dict) -> None:
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    for name, drawn, size in subsampled_plates(trace):
+        raise ValueError(
+            f"{caller} needs the model on its whole data, but the plate {name!r} draws a "
+            f"subsample of {drawn} of its {size} members: the result would be that of one "
+            "random minibatch. Call it with arguments that make the plate use every member "
+            "(subsample_size=None)"
+        )
 
 
 def _dim_names(site: dict[str, Any]) -> list[str]:
@@ -88,11 +105,14 @@ def to_inference_data(
 
     The ``posterior`` group holds every latent site with its real shape (plates become named
     dims), ``observed_data`` the model's observed sites, so ``az.summary``,
-    ``az.plot_posterior`` and friends work on a guide as they do on MCMC output.
+    ``az.plot_posterior`` and friends work on a guide as they do on MCMC output. A model whose
+    plate subsamples raises ``ValueError``: ``observed_data`` would hold one random minibatch
+    under the labels of the first data points.
     """
     import arviz as az  # imported here: it is slow to import and only this function needs it
 
     check_positive_int(num_samples, "num_samples")
+    _check_full_data(model, "to_inference_data", args, kwargs)
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(

@@ -46,6 +46,18 @@ def init_parameters(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     Arguments:
         module: an ``ELBOModule`` (``Trace_ELBO()(model, guide)``), a guide, or any module.
         args, kwargs: one batch, as the module will be called with.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist, pyro_arflow as af
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        >>> with pyro.settings.context(module_local_params=True):
+        ...     elbo = pyro.infer.Trace_ELBO()(model, af.AutoARFlow(model, hidden_dims=[4]))
+        ...     before = len(list(elbo.parameters()))  # none before the guide's first call
+        ...     after = len(list(af.init_parameters(elbo).parameters()))
+        >>> before, after > 0
+        (0, True)
     """
     if not pyro.settings.get("module_local_params"):
         raise ValueError(

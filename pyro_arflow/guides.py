@@ -1,6 +1,10 @@
-r"""``AutoARFlow``: an autoguide over a model's whole latent space, built from a registered flow.
+r"""``AutoARFlow``: an autoguide built from a registered flow, and from the model's own paths.
 
-The guide's density over the unconstrained, concatenated latent vector :math:`\theta` is
+Where the model declares latent paths with :class:`~pyro_arflow.GaussianPath`, the guide
+follows each one's prior flow, corrected by a learned residual that reads the globals
+(``paths="prior"``, the default; see :mod:`pyro_arflow.structured`). Every other latent,
+and every latent with ``paths="flat"``, goes into one flow over their unconstrained,
+concatenated vector :math:`\theta`:
 
 .. math::
 
@@ -15,24 +19,34 @@ buys (Kingma et al. 2016 use IAF guides this way).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineTransform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from ._checks import check_finite, check_positive_int
+from ._model_checks import argument_shapes, check_no_subsampled_latents, rng_state_kept
 from ._params import module_context, store_name, synced_child
 from .distributed import check_lazy_parameters_may_appear
+from .paths import GaussianPath, PathFlow
 from .registry import build_flow
+from .structured import PathResidual, SiteSlot, StructuredTransform
 
 __all__ = ["AutoARFlow"]
+
+INIT_SCALE_RANGE = (1e-3, 10.0)
+"""``init_scale`` values outside this range draw a warning."""
+LARGE_FLOW_MB = 256
+"""A flow whose parameters take more memory than this draws a warning."""
 
 
 class AutoARFlow(AutoContinuous):
@@ -46,7 +60,17 @@ class AutoARFlow(AutoContinuous):
         num_flows: number of flow layers.
         init_loc_fn: per-site initialization, as for every Pyro autoguide; unlike Pyro's
             ``AutoIAFNormal`` it is honoured.
-        init_scale: initial scale of every unconstrained coordinate, finite and > 0.
+        init_scale: initial scale of every unconstrained coordinate, finite and > 0. Between
+            1e-3 and 10 it trains in the usual budgets; outside, a warning says so (a tiny
+            scale takes thousands of steps to grow, a huge one makes the first losses explode).
+        paths: ``"prior"`` (default): each :class:`~pyro_arflow.GaussianPath` site is drawn by
+            its prior's flow plus a learned residual that reads the other latents (the
+            globals, drawn first by the flow); ``"flat"``: every latent goes into the flow.
+            A model without such sites gets the flow alone either way. A path's residual
+            starts at zero: the guide's law of the path starts as the prior's at the initial
+            globals, whatever ``init_loc_fn`` says of the path.
+        path_hidden_dim: width of the ``tanh`` layer through which each path's residual
+            reads the globals (0: linearly).
         flow_kwargs: passed to :func:`~pyro_arflow.build_flow` (``hidden_dims``,
             ``hidden_size``, ``permutation``, ...). They are checked at construction, on a
             two-dimensional stand-in of the flow; the flow itself is built at the guide's first
@@ -78,8 +102,18 @@ class AutoARFlow(AutoContinuous):
         num_flows: int = 2,
         init_loc_fn: Any = init_to_median,
         init_scale: float = 0.1,
+        paths: str = "prior",
+        path_hidden_dim: int = 16,
         **flow_kwargs: Any,
     ) -> None:
+        if (
+            isinstance(path_hidden_dim, bool)
+            or not isinstance(path_hidden_dim, int)
+            or (path_hidden_dim < 0)
+        ):
+            raise ValueError(f"path_hidden_dim must be an int >= 0, got {path_hidden_dim!r}")
+        if paths not in ("prior", "flat"):
+            raise ValueError(f"paths must be 'prior' or 'flat', got {paths!r}")
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)):
             raise ValueError(f"init_scale must be a number > 0, got {init_scale!r}")
         if not (math.isfinite(init_scale) and init_scale > 0):
@@ -90,39 +124,168 @@ class AutoARFlow(AutoContinuous):
                 "AutoARFlow is a guide over a model's global latents and takes no context_dim; "
                 "for amortized (per-data-point) guides use af.conditional_iaf inside your guide"
             )
-        build_flow(flow, 2, num_flows, **flow_kwargs)  # fail now, not at the first step
+        if not INIT_SCALE_RANGE[0] <= init_scale <= INIT_SCALE_RANGE[1]:
+            warnings.warn(
+                f"init_scale={init_scale!r} is outside {INIT_SCALE_RANGE}, the range that "
+                "trains in the usual budgets: a tiny scale takes thousands of steps to grow, a "
+                "huge one makes the first losses explode",
+                UserWarning,
+                stacklevel=2,
+            )
+        stand_in = build_flow(flow, 2, num_flows, **flow_kwargs)  # fail now, not at a step
+        if any(getattr(m, "reads_output", False) for m in stand_in.modules()):
+            warnings.warn(
+                f"the flow {flow!r} samples by a sequential solve (a MAF reads its output): a "
+                "guide samples at every step, so each step solves one latent at a time, "
+                "hundreds of times slower than an IAF at a few hundred latents. Use the IAF of "
+                "the same family ('iaf', 'iaf-lstm'): it samples in one pass",
+                UserWarning,
+                stacklevel=2,
+            )
         self._flow_name = flow
         self._num_flows = num_flows
         self._init_scale = float(init_scale)
         self._flow_kwargs = flow_kwargs
+        self._paths = paths
+        self._path_hidden_dim = path_hidden_dim
+        self._model_arguments: tuple[tuple, dict] | None = None
         super().__init__(model, init_loc_fn=init_loc_fn)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pyro's autoguides pickle without their model, and drop it from the live guide too;
+        this one keeps it, and pickles it along when it has paths (it runs the model to draw
+        them), so such a model must pickle: a module-level function, not a closure."""
+        model = self._model
+        state = super().__getstate__()
+        self._model = model
+        if self.prototype_trace is not None and self._has_paths():
+            state["_model"] = model
+        return state
+
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        """Read the model's latent sites and build the guide's parts. The global random state
+        is left as it was (initialization draws from the priors), so a seed gives the same
+        draws whether or not the guide had been set up before."""
+        with rng_state_kept():
+            self._build(*args, **kwargs)
+
+    def _build(self, *args: Any, **kwargs: Any) -> None:
         check_lazy_parameters_may_appear("AutoARFlow")
         super()._setup_prototype(*args, **kwargs)
+        check_no_subsampled_latents(self.prototype_trace)
+        self._model_arguments = (args, kwargs)
+        self._argument_shapes = argument_shapes(args, kwargs)
         init_loc = self._init_loc()  # a fresh tensor (concatenated), never the user's
-        self.flow = build_flow(
-            self._flow_name, self.latent_dim, self._num_flows, **self._flow_kwargs
-        ).to(dtype=init_loc.dtype, device=init_loc.device)
-        self.loc = PyroParam(init_loc, constraints.real)
-        self.scale = PyroParam(
-            torch.full_like(init_loc, self._init_scale), constraints.softplus_positive
-        )
+        self._slots = self._site_slots()
+        global_index = [
+            index
+            for slot in self._slots
+            if slot.global_start is not None
+            for index in range(slot.start, slot.start + slot.size)
+        ]
+        init_globals = init_loc[global_index]
+        self.global_dim = len(global_index)
+        if self.global_dim:
+            self.flow = build_flow(
+                self._flow_name, self.global_dim, self._num_flows, **self._flow_kwargs
+            ).to(dtype=init_loc.dtype, device=init_loc.device)
+            self._warn_if_large(init_loc.element_size())
+            self.loc = PyroParam(init_globals, constraints.real)
+            self.scale = PyroParam(
+                torch.full_like(init_globals, self._init_scale), constraints.softplus_positive
+            )
+        path_slots = [slot for slot in self._slots if slot.global_start is None]
+        if path_slots:
+            origin = init_globals if self.global_dim else None
+            self.paths = nn.ModuleList(
+                self._path_residual(self.prototype_trace.nodes[slot.name], origin)
+                for slot in path_slots
+            )
+
+    def _warn_if_large(self, bytes_per_parameter: int) -> None:
+        count = sum(parameter.numel() for parameter in self.flow.parameters())
+        megabytes = count * bytes_per_parameter / 2**20
+        if megabytes > LARGE_FLOW_MB:
+            warnings.warn(
+                f"AutoARFlow's {self._flow_name!r} flow over {self.global_dim} latents holds "
+                f"{count / 1e6:.0f}M parameters ({megabytes:.0f} MB; its default width grows "
+                "with the number of latents). Declare latent paths with af.GaussianPath (they "
+                "then leave the flow), or pass flow='iaf-lstm' or narrower hidden_dims",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        if self.prototype_trace is not None:
+            self._check_same_latents(args, kwargs)
+        return super().forward(*args, **kwargs)
+
+    def _check_same_latents(self, args: tuple, kwargs: dict) -> None:
+        """``ValueError`` if these model arguments give latent sites of other shapes than the
+        guide was built for. The model is traced only when the arguments' shapes changed."""
+        shapes = argument_shapes(args, kwargs)
+        if shapes == self._argument_shapes:
+            return
+        with rng_state_kept(), torch.no_grad(), poutine.block():
+            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            now = trace.nodes.get(name)
+            if now is None or now["value"].shape != site["value"].shape:
+                got = "no such site" if now is None else f"shape {tuple(now['value'].shape)}"
+                raise ValueError(
+                    f"with these arguments the model's latent site {name!r} has {got}, but "
+                    f"this guide was built for shape {tuple(site['value'].shape)}: a guide "
+                    "fits one set of latent shapes. Build a new guide (after "
+                    "pyro.clear_param_store()) for the new shapes"
+                )
+        self._argument_shapes = shapes
+
+    def _site_slots(self) -> list[SiteSlot]:
+        """Each latent site's place in the latent vector; a ``GaussianPath`` site is a path
+        (with ``paths="prior"``), every other a global."""
+        slots, start, global_start = [], 0, 0
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            size = math.prod(shape)
+            is_path = self._paths == "prior" and isinstance(site["fn"], GaussianPath)
+            slots.append(
+                SiteSlot(
+                    name, start, size, shape, site["fn"].support, None if is_path else global_start
+                )
+            )
+            start += size
+            global_start += 0 if is_path else size
+        return slots
+
+    def _path_residual(self, site: dict, origin: Tensor | None) -> PathResidual:
+        """The residual of one path site, zero: the guide's law of the path starts as the
+        prior's at the initial globals, its median path the prior's noise-free one."""
+        prior = site["fn"]
+        with torch.no_grad():
+            skeleton = PathFlow(prior)(torch.zeros_like(site["value"]))
+        vector_state = len(prior.state_shape) == 1
+        reference = skeleton.movedim(-prior.event_dim, 0)
+        return PathResidual(reference, vector_state, origin, self._path_hidden_dim)
 
     def get_base_dist(self) -> dist.TorchDistribution:
-        zeros = torch.zeros_like(self.loc)
+        zeros = self._latent_template().new_zeros(self.latent_dim)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
-    def _parts(self) -> list[torch.distributions.Transform]:
-        """The flow (its layers cached) then the cached affine map: scoring the guide's own
-        sample walks back through the caches instead of running an IAF's sequential inverse."""
+    def _latent_template(self) -> Tensor:
+        """A tensor of the guide's dtype and device."""
+        return next(iter(self.prototype_trace.iter_stochastic_nodes()))[1]["value"]
+
+    def _globals_parts(self) -> list[torch.distributions.Transform]:
+        """The globals' flow (its layers cached) then the cached affine map: scoring the
+        guide's own sample walks back through the caches instead of running an IAF's
+        sequential inverse."""
         loc, scale = self.loc, self.scale
         for name, value in (("loc", loc), ("scale", scale)):
-            if value.shape != (self.latent_dim,):
+            if value.shape != (self.global_dim,):
                 raise ValueError(
                     f"Pyro's param store holds {store_name(self, name)!r} with shape "
-                    f"{tuple(value.shape)}, but this guide's latent vector has "
-                    f"{self.latent_dim} entries: autoguides of one class share their "
+                    f"{tuple(value.shape)}, but this guide's flow has "
+                    f"{self.global_dim} entries: autoguides of one class share their "
                     "parameters by name. pyro.clear_param_store() before fitting another model"
                 )
             check_finite(
@@ -136,16 +299,45 @@ class AutoARFlow(AutoContinuous):
         flow = synced_child(self, "flow")
         return [flow, AffineTransform(loc, scale, event_dim=1, cache_size=1)]
 
+    def _has_paths(self) -> bool:
+        return any(slot.global_start is None for slot in self._slots)
+
     def get_transform(self, *args: Any, **kwargs: Any) -> torch.distributions.Transform:
-        return torch.distributions.ComposeTransform(self._parts())
+        """Noise to the unconstrained latent vector. With path sites it runs the model, with
+        these arguments or, given none (as ``NeuTraReparam`` calls it), those of the last call."""
+        if not self._has_paths():
+            return torch.distributions.ComposeTransform(self._globals_parts())
+        if args or kwargs or self._model_arguments is None:
+            self._check_same_latents(args, kwargs)
+            self._model_arguments = (args, kwargs)
+        args, kwargs = self._model_arguments
+        globals_transform = (
+            torch.distributions.ComposeTransform(self._globals_parts()) if self.global_dim else None
+        )
+        paths = synced_child(self, "paths")
+        names = [slot.name for slot in self._slots if slot.global_start is None]
+        residuals = dict(zip(names, paths, strict=True))
+        return StructuredTransform(
+            self.model, args, kwargs, self._slots, globals_transform, residuals
+        )
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
-        return dist.TransformedDistribution(self.get_base_dist(), self._parts())
+        if not self._has_paths():
+            return dist.TransformedDistribution(self.get_base_dist(), self._globals_parts())
+        return dist.TransformedDistribution(
+            self.get_base_dist(), [self.get_transform(*args, **kwargs)]
+        )
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
+        """Each site's constrained value from a latent vector, batched or not."""
+        batch = latent.shape[:-1]
         return {
-            site["name"]: biject_to(site["fn"].support)(unconstrained)
-            for site, unconstrained in self._unpack_latent(latent)
+            slot.name: biject_to(slot.support)(
+                latent[..., slot.start : slot.start + slot.size].reshape(
+                    batch + slot.unconstrained_shape
+                )
+            )
+            for slot in self._slots
         }
 
     @torch.no_grad()
@@ -157,9 +349,10 @@ class AutoARFlow(AutoContinuous):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._check_same_latents(args, kwargs)
         with module_context(self):
-            transform = self.get_transform()
-            return self._constrain(transform(torch.zeros_like(self.loc)))
+            transform = self.get_transform(*args, **kwargs)
+            return self._constrain(transform(self._latent_template().new_zeros(self.latent_dim)))
 
     @torch.no_grad()
     def quantiles(
@@ -172,8 +365,10 @@ class AutoARFlow(AutoContinuous):
     ) -> dict[str, Tensor]:
         """Marginal posterior quantiles per site, Monte Carlo over ``num_samples`` draws.
 
-        The draws use their own seeded generator, so repeated calls agree and the global
-        random state is left alone. Returns a dict of tensors of shape
+        The quantiles are taken of the constrained draws, site by site, so they are those of
+        the guide's marginals for every constraint (simplex, ordered, correlation Cholesky,
+        ...). The draws use their own seeded generator, so repeated calls agree and the
+        global random state is left alone. Returns a dict of tensors of shape
         ``(len(quantiles),) + site_shape``. Like :meth:`median`, it works before the first
         guide call and reads the param store.
         """
@@ -183,14 +378,13 @@ class AutoARFlow(AutoContinuous):
             raise ValueError(f"quantiles must lie in (0, 1), got {levels.tolist()}")
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._check_same_latents(args, kwargs)
         with module_context(self):
-            transform = self.get_transform()
-            loc = self.loc
+            transform = self.get_transform(*args, **kwargs)
+            template = self._latent_template()
             generator = torch.Generator().manual_seed(seed)
-            z = torch.randn(
-                num_samples, self.latent_dim, generator=generator, dtype=loc.dtype, device="cpu"
-            )
-            latent = transform(z.to(loc.device))
-        marginal = torch.quantile(latent, levels.to(latent), dim=0)
-        per_level = [self._constrain(row) for row in marginal]
-        return {name: torch.stack([row[name] for row in per_level]) for name in per_level[0]}
+            z = torch.randn(num_samples, self.latent_dim, generator=generator, dtype=template.dtype)
+            draws = self._constrain(transform(z.to(template.device)))
+        return {
+            name: torch.quantile(value, levels.to(value), dim=0) for name, value in draws.items()
+        }

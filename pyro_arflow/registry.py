@@ -18,6 +18,7 @@ registered yet; a plugin that fails to load gives a warning.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import warnings
 from collections.abc import Callable
@@ -64,6 +65,15 @@ def register_flow(name: str, factory: F | None = None) -> Any:
     """Register ``factory`` as ``name``: ``register_flow(name, f)`` or ``@register_flow(name)``.
 
     Registering a different factory under a taken name raises ``ValueError``.
+
+    Example::
+
+        >>> import pyro_arflow as af
+        >>> @af.register_flow("my-iaf")
+        ... def my_iaf(input_dim, context_dim=None, **kwargs):
+        ...     return af.iaf(input_dim, hidden_dims=[2 * input_dim], **kwargs)
+        >>> "my-iaf" in af.available_flows(), af.get_flow("my-iaf") is my_iaf
+        (True, True)
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a flow name must be a non-empty string, got {name!r}")
@@ -97,19 +107,48 @@ def _load_plugins() -> None:
 
 
 def available_flows() -> list[str]:
-    """The registered flow names, plugins included, sorted."""
+    """The registered flow names, plugins included, sorted.
+
+    Example::
+
+        >>> import pyro_arflow as af
+        >>> [name for name in af.available_flows() if name.startswith("iaf")][:2]
+        ['iaf', 'iaf-lstm']
+    """
     if not _plugins_loaded:
         _load_plugins()
     return sorted(_FLOWS)
 
 
 def get_flow(name: str) -> FlowFactory:
-    """The factory registered as ``name``; ``ValueError`` listing the available names otherwise."""
+    """The factory registered as ``name``; ``ValueError`` listing the available names otherwise.
+
+    Example::
+
+        >>> import pyro_arflow as af
+        >>> layer = af.get_flow("maf")(4, hidden_dims=[8])
+        >>> type(layer).__name__
+        'MAF'
+    """
     if name not in _FLOWS and not _plugins_loaded:
         _load_plugins()
     if not isinstance(name, str) or name not in _FLOWS:
-        raise ValueError(f"unknown flow {name!r}; available flows: {available_flows()}")
+        raise ValueError(
+            f"unknown flow {name!r}{_suggestion(name)}; available flows: {available_flows()}"
+        )
     return _FLOWS[name]
+
+
+def _suggestion(name: Any) -> str:
+    """``" (did you mean 'iaf-lstm'?)"`` for a name that differs from a registered one in case,
+    separators or a typo; empty otherwise."""
+    if not isinstance(name, str):
+        return ""
+    normalized = name.strip().lower().replace("_", "-").replace(" ", "-")
+    if normalized in _FLOWS:
+        return f" (did you mean {normalized!r}?)"
+    close = difflib.get_close_matches(normalized, list(_FLOWS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def build_flow(
@@ -137,6 +176,14 @@ def build_flow(
     Every part caches the pair it last computed, so a flow scoring its own sample walks back
     through the caches rather than solving an IAF's sequential inverse; the composition itself
     keeps no cache of its own (``copy.deepcopy`` and pickling of a used flow stay possible).
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> flow = af.build_flow("iaf-lstm", 6, num_flows=3, hidden_size=8)
+        >>> x = torch.randn(2, 6)
+        >>> torch.allclose(flow.inv(flow(x)), x, atol=1e-5)
+        True
     """
     factory = get_flow(name)
     check_positive_int(input_dim, "input_dim")

@@ -451,7 +451,17 @@ def conditional_iaf(
     scale_map: str | ScaleMap = "softplus",
     **kwargs: Any,
 ) -> ConditionalIAF:
-    """One conditional IAF layer reading a context of size ``context_dim``."""
+    """One conditional IAF layer reading a context of size ``context_dim``.
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> layer = af.conditional_iaf(4, context_dim=3, hidden_dims=[16])
+        >>> bound = layer.condition(torch.randn(3))  # an IAF layer for this context
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(bound.inv(bound(x)), x, atol=1e-5)
+        True
+    """
     return ConditionalIAF(
         make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map
     )
@@ -464,7 +474,17 @@ def conditional_maf(
     scale_map: str | ScaleMap = "softplus",
     **kwargs: Any,
 ) -> ConditionalMAF:
-    """One conditional MAF layer reading a context of size ``context_dim``."""
+    """One conditional MAF layer reading a context of size ``context_dim``.
+
+    Example::
+
+        >>> import torch, pyro.distributions as dist, pyro_arflow as af
+        >>> layer = af.conditional_maf(4, context_dim=3, hidden_dims=[16])
+        >>> base = dist.Normal(torch.zeros(4), 1.0).to_event(1)
+        >>> prior = dist.TransformedDistribution(base, [layer.condition(torch.randn(3))])
+        >>> prior.log_prob(torch.randn(2, 4)).shape
+        torch.Size([2])
+    """
     return ConditionalMAF(
         make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map
     )

@@ -11,7 +11,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import DEVICE, load_example
 from pyro.infer import (
     SVI,
     JitTrace_ELBO,
@@ -24,6 +23,7 @@ from pyro.infer.autoguide import AutoNormal, init_to_median, init_to_sample, ini
 from pyro.optim import Adam, ClippedAdam
 
 import pyro_arflow as af
+from conftest import DEVICE
 from pyro_arflow import registry
 from pyro_arflow._checks import flush_finite_checks
 
@@ -406,7 +406,6 @@ def test_a_module_holding_a_flow_prior_traces():
 
 def stochastic_volatility_model():
     """The centered stochastic-volatility model of the main example, on 500 simulated returns."""
-    path = load_example("_common").AR1Path
     with torch.device("cpu"):  # seeded draws, whatever the default device
         generator = torch.Generator().manual_seed(1)
         noise = torch.randn(1001, generator=generator)
@@ -420,8 +419,12 @@ def stochastic_volatility_model():
         persistence = pyro.sample("persistence", dist.Uniform(-1.0, 1.0))
         mean = pyro.sample("mean", dist.Normal(-1.0, 2.0))
         shock = pyro.sample("shock", dist.HalfNormal(0.5))
-        start_scale = shock / torch.sqrt(1 - persistence**2)
-        h = pyro.sample("log_vol", path(mean, persistence, shock, start_scale, 500))
+        path = af.GaussianPath(
+            lambda h, t: (mean + persistence * (h - mean), shock),
+            dist.Normal(mean, shock / torch.sqrt(1 - persistence**2)),
+            500,
+        )
+        h = pyro.sample("log_vol", path)
         pyro.sample("returns", dist.Normal(0.0, torch.exp(h / 2)).to_event(1), obs=returns)
 
     return model
@@ -439,6 +442,8 @@ def losses_with_defaults(model, steps: int) -> list[float]:
 
 
 def test_default_guide_survives_the_start_of_a_500_step_volatility_path():
+    """The default, prior-structured guide. (The flat guide, paths="flat", diverged here
+    under plain Adam at lr 1e-2 for two of four seeds.)"""
     losses = losses_with_defaults(stochastic_volatility_model(), 150)
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-20:]) < sum(losses[:20])

@@ -57,6 +57,14 @@ class LSTMConditioner(Conditioner):
 
     The head and a per-position bias start at zero, so ``loc = 0`` and ``raw_scale = 0``
     until trained.
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> network = af.LSTMConditioner(100, hidden_size=8, context_dim=2)
+        >>> loc, raw_scale = network(torch.randn(4, 100), torch.randn(4, 2))
+        >>> loc.shape
+        torch.Size([4, 100])
     """
 
     def __init__(

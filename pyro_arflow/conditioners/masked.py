@@ -211,6 +211,14 @@ class MaskedConditioner(Conditioner):
     term makes every Gaussian autoregression (hence, in an IAF guide, every full-rank
     Gaussian posterior) exactly representable by one layer, and leaves the hidden units the
     non-Gaussian rest (Pyro's ``AutoRegressiveNN`` offers the same as ``skip_connections``).
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> network = af.MaskedConditioner(5, hidden_dims=[16], ordering="reversed")
+        >>> loc, raw_scale = network(torch.randn(3, 5))
+        >>> loc.shape, raw_scale.shape
+        (torch.Size([3, 5]), torch.Size([3, 5]))
     """
 
     def __init__(

@@ -1,0 +1,273 @@
+r"""``fit``: train a guide until its ELBO is flat, then anneal; one rule for every guide.
+
+The rule, in two phases, with Pyro's ``ClippedAdam`` (gradient norm clipped at 10):
+
+1. **Until flat**, at a constant learning rate. Every ``check_every`` steps, once ``min_steps``
+   are done, regress the per-step ELBO estimates of the last half of training on the step.
+   The ELBO is *flat* when the slope's upper bound, slope plus two standard errors, is below
+   ``tolerance`` nats per 1000 steps: a guide still climbing is seen to climb, and how long
+   it takes to tell depends on how noisy its ELBO is, not on a fixed start. A guide close
+   to the posterior has a quiet ELBO and stops early; a noisy one is given the steps its
+   noise needs. (A rule comparing windows with the best one so far stops too early: the
+   best is biased upward by the noise.)
+2. **Anneal**: half as many steps again as phase 1 took (at least 500, at most 2000), the
+   learning rate decaying 10x, and the parameters averaged over these steps (Polyak and
+   Juditsky 1992): the guide ends at the average. A flat trace says the optimizer no longer
+   gains on average, not that the parameters stand still: at a constant rate they wander,
+   and so do the posterior means they give.
+
+``max_steps`` and ``max_seconds`` cap the whole run: phase 1 ends early to leave the anneal
+its share. A step whose loss is not finite, or which raises the ``ValueError`` of Pyro's or
+this package's validation, ends the run as *diverged*: the parameters go back to the last
+check's (every ``check_every`` steps), a ``RuntimeWarning`` says so, and the result's status
+names the step. No fit ends with a silent NaN guide.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.elbo import ELBO
+from pyro.optim import ClippedAdam
+from tqdm.auto import tqdm
+
+from ._checks import check_positive_int
+
+__all__ = ["FitResult", "fit"]
+
+
+@dataclass
+class FitResult:
+    """How one ``fit`` went.
+
+    Attributes:
+        elbo: the ELBO estimate of every finished step.
+        seconds: wall time of the run.
+        flat_at: the step at which the ELBO was flat by the rule (``None``: a cap came first).
+        stopped: ``"flat"``, ``"steps"``, ``"time"`` or ``"diverged"``.
+    """
+
+    elbo: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    flat_at: int | None = None
+    stopped: str = "steps"
+
+    @property
+    def steps(self) -> int:
+        return len(self.elbo)
+
+    @property
+    def converged(self) -> bool:
+        return self.flat_at is not None and self.stopped != "diverged"
+
+    @property
+    def diverged(self) -> bool:
+        return self.stopped == "diverged"
+
+    @property
+    def status(self) -> str:
+        """``"converged (flat at N)"``, ``"step cap"``, ``"time cap"`` or
+        ``"diverged (step N)"``."""
+        if self.stopped == "diverged":
+            return f"diverged (step {self.steps + 1})"
+        if self.flat_at is not None:
+            return f"converged (flat at {self.flat_at})"
+        return "time cap" if self.stopped == "time" else "step cap"
+
+    def smoothed(self, window: int) -> tuple[list[int], list[float]]:
+        """The mean ELBO of each full window of steps, at the window's last step."""
+        check_positive_int(window, "window")
+        count = self.steps // window * window
+        means = torch.tensor(self.elbo[:count], dtype=torch.float64).view(-1, window).mean(1)
+        return [window * (k + 1) for k in range(len(means))], means.tolist()
+
+
+def elbo_slope_bound(elbo: list[float]) -> float:
+    """Nats per 1000 steps: the least-squares slope of ``elbo`` on the step, plus two standard
+    errors (from the residuals, the steps' noise taken as independent)."""
+    values = torch.tensor(elbo, dtype=torch.float64)
+    steps = torch.arange(len(values), dtype=torch.float64)
+    steps, values = steps - steps.mean(), values - values.mean()
+    spread = (steps * steps).sum()
+    slope = (steps * values).sum() / spread
+    residual = values - slope * steps
+    standard_error = (residual.square().sum() / max(len(values) - 2, 1) / spread).sqrt()
+    return 1000.0 * float(slope + 2.0 * standard_error)
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    max_steps: int = 30000,
+    max_seconds: float | None = None,
+    lr: float = 0.01,
+    num_particles: int = 4,
+    loss: ELBO | None = None,
+    tolerance: float = 0.25,
+    min_steps: int = 1000,
+    check_every: int = 100,
+    progress: bool = True,
+    **kwargs: Any,
+) -> FitResult:
+    """Train ``guide`` on ``model`` until the ELBO is flat, then anneal (module docstring).
+
+    Arguments:
+        model: a Pyro model; ``*args`` and ``**kwargs`` are its arguments.
+        guide: any Pyro guide (an autoguide of this package or of Pyro's, or a function).
+        max_steps: most SVI steps in all, annealing included.
+        max_seconds: most seconds in all (``None``: no time cap).
+        lr: the learning rate of phase 1.
+        num_particles: ELBO particles per step, vectorized (for the default ``loss``).
+        loss: the ELBO to minimize; default ``Trace_ELBO(num_particles,
+            vectorize_particles=True)``.
+        tolerance: nats per 1000 steps under which the ELBO is flat.
+        min_steps: the first check of flatness.
+        check_every: steps between checks (and between the snapshots a divergence goes
+            back to).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        a :class:`FitResult`: ELBO trace, steps, seconds, status.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist, pyro_arflow as af
+        >>> def model(data):
+        ...     loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(data)):
+        ...         pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
+        >>> guide = af.AutoARFlow(model, hidden_dims=[8])
+        >>> result = af.fit(model, guide, torch.randn(20) + 3.0, max_steps=300, progress=False)
+        >>> result.steps <= 300, result.status in ("step cap", "time cap") or result.converged
+        (True, True)
+    """
+    for value, name in ((max_steps, "max_steps"), (min_steps, "min_steps")):
+        check_positive_int(value, name)
+    check_positive_int(check_every, "check_every")
+    check_positive_int(num_particles, "num_particles")
+    for value, name in ((lr, "lr"), (tolerance, "tolerance")):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if max_seconds is not None and not (isinstance(max_seconds, int | float) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a number > 0 or None, got {max_seconds!r}")
+    optimizer = ClippedAdam({"lr": lr, "clip_norm": 10.0})
+    elbo_loss = loss or Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
+    svi = SVI(model, guide, optimizer, elbo_loss)
+    result = FitResult()
+    start = time.perf_counter()
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def step() -> bool:
+        try:
+            value = svi.step(*args, **kwargs)
+        except ValueError as error:
+            if not result.elbo:  # a model or guide that never ran is the caller's error
+                raise
+            _warn_diverged(result.steps + 1, f"{type(error).__name__}: {error}")
+            value = math.nan
+        else:
+            if not math.isfinite(value):
+                _warn_diverged(result.steps + 1, f"loss {value}")
+        if not math.isfinite(value):
+            result.stopped = "diverged"
+            _restore(snapshot)
+            return False
+        result.elbo.append(-value)
+        bar.update()
+        return True
+
+    with tqdm(total=max_steps, desc="fit", disable=not progress, leave=False) as bar:
+        while result.flat_at is None:
+            if result.steps >= max_steps - _anneal_steps(result.steps):
+                break
+            if max_seconds is not None and time.perf_counter() - start > 0.8 * max_seconds:
+                result.stopped = "time"
+                break
+            if not step():
+                result.seconds = time.perf_counter() - start
+                return result
+            if result.steps % check_every == 0:
+                snapshot = _snapshot()
+                bar.set_postfix(elbo=f"{sum(result.elbo[-check_every:]) / check_every:.2f}")
+                if result.steps >= min_steps:
+                    recent = result.elbo[result.steps // 2 :]
+                    if elbo_slope_bound(recent) < tolerance:
+                        result.flat_at = result.steps
+                        result.stopped = "flat"
+        anneal = min(_anneal_steps(result.steps), max_steps - result.steps)
+        if max_seconds is not None and result.steps:
+            per_step = (time.perf_counter() - start) / result.steps
+            left = max_seconds - (time.perf_counter() - start)
+            anneal = min(anneal, max(int(left / per_step), 0))
+        _set_decay(optimizer, 0.1 ** (1.0 / max(anneal, 1)))
+        average = _RunningAverage()
+        for _ in range(anneal):
+            if not step():
+                break
+            average.add()
+        if not result.diverged:
+            average.install()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _anneal_steps(phase_one: int) -> int:
+    return min(max(phase_one // 2, 500), 2000)
+
+
+def _set_decay(optimizer: ClippedAdam, per_step: float) -> None:
+    """From now on every parameter's learning rate is multiplied by ``per_step`` each step."""
+    for parameter_optimizer in optimizer.optim_objs.values():
+        for group in parameter_optimizer.param_groups:
+            group["lrd"] = per_step
+
+
+class _RunningAverage:
+    """The running mean of every parameter in Pyro's param store since it was made."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.means: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def add(self) -> None:
+        self.count += 1
+        for name, value in pyro.get_param_store().named_parameters():
+            mean = self.means.get(name)
+            if mean is None or mean.shape != value.shape:
+                self.means[name] = value.detach().clone()
+            else:
+                mean.add_(value.detach() - mean, alpha=1.0 / self.count)
+
+    def install(self) -> None:
+        _restore(self.means)
+
+
+def _snapshot() -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {name: value.detach().clone() for name, value in store.named_parameters()}
+
+
+@torch.no_grad()
+def _restore(snapshot: dict[str, torch.Tensor]) -> None:
+    for name, value in pyro.get_param_store().named_parameters():
+        if name in snapshot:
+            value.copy_(snapshot[name])
+
+
+def _warn_diverged(step: int, cause: str) -> None:
+    warnings.warn(
+        f"training diverged at step {step} ({cause}); the parameters are back at the last "
+        "check's. Lower lr, or start the guide closer to the posterior (init_loc_fn, init_scale)",
+        RuntimeWarning,
+        stacklevel=3,
+    )

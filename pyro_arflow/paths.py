@@ -1,0 +1,346 @@
+r"""A latent Gaussian autoregressive path, declared in one line, and the flow it is.
+
+A model's path prior
+
+.. math::
+
+    x_0 \sim \mathcal{N}(m_0, s_0^2), \qquad
+    x_t \mid x_{t-1} \sim \mathcal{N}\big(f_t(x_{t-1}),\ g_t(x_{t-1})^2\big), \quad t = 1..T-1,
+
+(states scalars or vectors, diagonal noise) *is* the flow from white noise :math:`z` that sets
+:math:`x_0 = m_0 + s_0 z_0` and :math:`x_t = f_t(x_{t-1}) + g_t(x_{t-1}) z_t`: its Jacobian
+:math:`\partial x / \partial z` is block lower triangular with diagonal :math:`g_t`, so
+:math:`\log p(x) = \log \mathcal{N}(z; 0, I) - \sum_t \log g_t`. Scoring a given path is one
+parallel pass (every :math:`f_t, g_t` reads a known :math:`x_{t-1}`); drawing one is
+:math:`T` steps.
+
+:class:`PathFlow` is that map, optionally *corrected* step by step,
+
+.. math::
+
+    \mu_t = f_t + g_t\, b_t + a_t\,(f_t - r_t), \qquad \sigma_t = g_t\, e^{\rho_t},
+
+which is how the prior-structured guides of :class:`~pyro_arflow.AutoARFlow` start from the
+model (with :math:`b = a = \rho = 0` it is the prior itself; :math:`a` is the step's mix of the
+prior's mean and a free one, as in ASVI, Ambrogioni et al. 2021,
+https://arxiv.org/abs/2002.00643).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pyro.distributions import Independent, Normal, TorchDistribution, constraints
+from pyro.distributions import TransformedDistribution as PyroTransformedDistribution
+from torch import Size, Tensor
+from torch.distributions import Transform
+
+from ._checks import check_positive_int
+from .transforms import _LastPair
+
+__all__ = ["GaussianPath", "PathCorrection", "PathFlow"]
+
+Transition = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``transition(x_prev, t) -> (loc, scale)``: the law of the state after ``x_prev``."""
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class GaussianPath(TorchDistribution):
+    r"""A Gaussian Markov path :math:`x_0, \dots, x_{T-1}` given by its first state and its step.
+
+    Arguments:
+        transition: ``transition(x_prev, t) -> (loc, scale)``, the mean and standard deviation
+            of the state after ``x_prev``; the model's globals are closed over. It must
+            broadcast as elementwise torch code does: ``x_prev`` has the path's batch shape
+            plus the state shape, with one more leading dimension (time) when the path is
+            scored in one pass; ``t``, the index of the state being drawn (1 to ``T - 1``),
+            is an integer tensor that broadcasts against ``x_prev``. ``scale`` must be > 0.
+        initial: the law of the first state: a ``Normal`` (scalar states) or a ``Normal``
+            made ``.to_event(1)`` (states of size ``k``).
+        num_steps: the number of states ``T``.
+
+    The event shape is ``(T,)`` for scalar states and ``(T, k)`` for vectors. ``log_prob`` is
+    exact and one parallel pass; ``rsample`` takes ``T`` steps (the flow form,
+    :meth:`as_flow`, is the same map). Under Pyro's validation (on by default) a transition
+    that returns a non-positive or NaN scale raises ``ValueError``. A path pickles when its
+    transition does: ``functools.partial`` of a module-level function, not a lambda.
+
+    Example::
+
+        >>> import torch, pyro.distributions as dist, pyro_arflow as af
+        >>> phi, sigma = 0.9, 0.5   # a stationary AR(1) path
+        >>> path = af.GaussianPath(
+        ...     lambda x, t: (phi * x, torch.full_like(x, sigma)),
+        ...     dist.Normal(0.0, sigma / (1 - phi**2) ** 0.5),
+        ...     num_steps=50,
+        ... )
+        >>> x = path.rsample((4,))
+        >>> x.shape, path.log_prob(x).shape
+        (torch.Size([4, 50]), torch.Size([4]))
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(
+        self,
+        transition: Transition,
+        initial: TorchDistribution,
+        num_steps: int,
+        validate_args: bool | None = None,
+    ) -> None:
+        if not callable(transition):
+            raise ValueError(
+                f"transition must be callable as transition(x_prev, t) -> (loc, scale), "
+                f"got {type(transition).__name__}"
+            )
+        check_positive_int(num_steps, "num_steps")
+        self.transition = transition
+        self.initial = initial
+        self.num_steps = num_steps
+        self.initial_loc, self.initial_scale = _gaussian_parts(initial)
+        self.state_shape = Size(initial.event_shape)
+        batch_shape = Size(initial.batch_shape)
+        if num_steps > 1:  # the transition's own batch (globals it closes over)
+            loc, scale = self.step(self.initial_loc, torch.tensor(1))
+            state_dims = len(self.state_shape)
+            batch_shape = torch.broadcast_shapes(
+                batch_shape,
+                loc.shape[: loc.dim() - state_dims],
+                scale.shape[: scale.dim() - state_dims],
+            )
+        super().__init__(batch_shape, Size([num_steps]) + self.state_shape, validate_args)
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, 1 + len(self.state_shape))
+
+    def step(self, x_prev: Tensor, t: Tensor, validate: bool = True) -> tuple[Tensor, Tensor]:
+        """``transition(x_prev, t)`` as tensors. With ``validate``: a pair whose entries
+        broadcast with ``x_prev``, and (under Pyro's validation) a scale positive everywhere;
+        the sequential draw skips this per step and checks its stacked scales once."""
+        result = self.transition(x_prev, t)
+        if not validate:
+            loc, scale = result
+            return _as_tensor(loc, x_prev), _as_tensor(scale, x_prev)
+        if not (isinstance(result, tuple | list) and len(result) == 2):
+            raise ValueError(
+                f"transition must return a pair (loc, scale), got {type(result).__name__}"
+            )
+        loc, scale = (_as_tensor(part, x_prev) for part in result)
+        for name, part in (("loc", loc), ("scale", scale)):
+            try:
+                torch.broadcast_shapes(part.shape, x_prev.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"transition returned a {name} of shape {tuple(part.shape)}, which does not "
+                    f"broadcast with x_prev of shape {tuple(x_prev.shape)} (state shape "
+                    f"{tuple(self.state_shape)})"
+                ) from None
+        self.check_scales(scale)
+        return loc, scale
+
+    def check_scales(self, scale: Tensor) -> None:
+        """Under validation, ``ValueError`` unless every entry of ``scale`` is > 0."""
+        if self._validate_args and not bool((scale > 0).all()):
+            raise ValueError(
+                "transition returned a scale with entries that are not > 0 (smallest "
+                f"{scale.min().item():.3g}; NaN counts as not > 0)"
+            )
+
+    def prior_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The prior's mean and sd of every state given the one before it along the path
+        ``x``, in one pass: two tensors shaped ``(T, *batch, *state)``, time first."""
+        by_time = x.movedim(-self.event_dim, 0)
+        first = by_time.shape[1:]
+        locs = [self.initial_loc.expand(first).unsqueeze(0)]
+        scales = [self.initial_scale.expand(first).unsqueeze(0)]
+        if self.num_steps > 1:
+            steps = torch.arange(1, self.num_steps, device=x.device)
+            steps = steps.reshape((-1,) + (1,) * (by_time.dim() - 1))
+            loc, scale = self.step(by_time[:-1], steps)
+            locs.append(loc.expand(by_time[1:].shape))
+            scales.append(scale.expand(by_time[1:].shape))
+        return torch.cat(locs), torch.cat(scales)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        z, log_det = PathFlow(self)._inverse_with_log_det(value)
+        event_dims = 1 + len(self.state_shape)
+        return -(0.5 * z.square() + _HALF_LOG_2PI).sum(tuple(range(-event_dims, 0))) - log_det
+
+    def rsample(self, sample_shape: Size = Size()) -> Tensor:
+        like = self.initial_loc
+        z = torch.randn(self._extended_shape(sample_shape), dtype=like.dtype, device=like.device)
+        return PathFlow(self)(z)
+
+    def as_flow(self) -> PyroTransformedDistribution:
+        """The same distribution as white noise pushed through :class:`PathFlow`."""
+        like = self.initial_loc
+        base = Normal(like.new_zeros(()), like.new_ones(())).expand(
+            self.batch_shape + self.event_shape
+        )
+        return PyroTransformedDistribution(base.to_event(self.event_dim), [PathFlow(self)])
+
+    def expand(self, batch_shape: Size, _instance=None) -> GaussianPath:
+        new = self._get_checked_instance(GaussianPath, _instance)
+        batch_shape = Size(batch_shape)
+        new.transition = self.transition
+        new.initial = self.initial.expand(batch_shape)
+        new.num_steps = self.num_steps
+        new.initial_loc, new.initial_scale = _gaussian_parts(new.initial)
+        new.state_shape = self.state_shape
+        super(GaussianPath, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+
+def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
+    return value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=like.dtype)
+
+
+def _gaussian_parts(initial: TorchDistribution) -> tuple[Tensor, Tensor]:
+    """(mean, sd) of a ``Normal`` or ``Normal(...).to_event(1)``; ``ValueError`` otherwise."""
+    base = initial.base_dist if isinstance(initial, Independent) else initial
+    if not isinstance(base, Normal) or len(initial.event_shape) > 1:
+        raise ValueError(
+            "initial must be a Normal (scalar states) or Normal(...).to_event(1) (vector "
+            f"states), got {type(initial).__name__} with event shape "
+            f"{tuple(initial.event_shape)}"
+        )
+    return initial.mean, initial.stddev
+
+
+@dataclass
+class PathCorrection:
+    r"""A step-by-step correction of a path's law, every tensor time first,
+    ``(T, *batch, ...)``, broadcasting against the path's batch.
+
+    .. math::
+
+        \mu_t = f_t + g_t \odot b_t + A_t (f_t - r_t), \qquad
+        x_t = \mu_t + (I + L_t)(g_t e^{\rho_t} \odot z_t),
+
+    with :math:`A_t` a ``(k, k)`` matrix and :math:`L_t` strictly lower triangular for states
+    of size ``k`` (scalar states: :math:`A_t` a number, no :math:`L_t`). :math:`L_t` correlates
+    a step's coordinates without changing the volume: :math:`\log|\det| = \sum \log g_t +
+    \rho_t`.
+    """
+
+    shift: Tensor  # b, in units of the prior's scale: (T, *batch, *state)
+    mix: Tensor  # A: (T, *batch) for scalar states, (T, *batch, k, k) for vectors
+    log_scale: Tensor  # rho: (T, *batch, *state)
+    reference: Tensor  # r, the prior mean along a fixed path: (T, *batch, *state)
+    lower: Tensor | None = None  # L (its strict lower triangle is read): (T, *batch, k, k)
+
+    def mean(self, loc: Tensor, scale: Tensor, t: int | None) -> Tensor:
+        r""":math:`\mu` at step ``t`` (``None``: every step, time first)."""
+        b, a, r = (p if t is None else p[t] for p in (self.shift, self.mix, self.reference))
+        departure = loc - r
+        if self.lower is None:
+            return loc + scale * b + a * departure
+        return loc + scale * b + (a @ departure.unsqueeze(-1)).squeeze(-1)
+
+    def mixing(self, t: int | None) -> Tensor | None:
+        """:math:`I + L` at step ``t`` (``None``: every step), or ``None`` for scalar states."""
+        if self.lower is None:
+            return None
+        lower = self.lower if t is None else self.lower[t]
+        identity = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+        return identity + lower.tril(-1)
+
+
+class PathFlow(_LastPair, Transform):
+    r"""The path's flow, white noise :math:`z` to path :math:`x`, optionally corrected.
+
+    ``_call`` draws (``T`` steps), ``_inverse`` scores (one pass); ``log_abs_det_jacobian``
+    is :math:`\sum_t \log \sigma_t`, read from the last pair when it is the one just computed.
+
+    Arguments:
+        path: the :class:`GaussianPath` whose transition and first state it follows.
+        correction: a :class:`PathCorrection`, or ``None`` for the prior's own flow.
+    """
+
+    bijective = True
+    sign = +1
+
+    def __init__(
+        self, path: GaussianPath, correction: PathCorrection | None = None, cache_size: int = 1
+    ) -> None:
+        super().__init__(cache_size=cache_size)
+        self.path = path
+        self.correction = correction
+        self._event_dims = path.event_dim
+
+    @property
+    def domain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, self._event_dims)
+
+    @property
+    def codomain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, self._event_dims)
+
+    def _call_with_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The draw, ``T`` steps, each the transition and a few fused multiply-adds; the
+        scales are validated and logged once, after the loop."""
+        path, time_dim, state_dims = self.path, -self._event_dims, len(self.path.state_shape)
+        batch = z.shape[: z.dim() - self._event_dims]
+        state = path.state_shape
+        correction = self.correction
+        noise = z.unbind(time_dim)
+        if correction is not None:
+            gains = correction.log_scale.exp().unbind(0)
+            mixings = [correction.mixing(t) for t in range(path.num_steps)]
+        steps = torch.arange(path.num_steps, device=z.device).unbind(0)
+        states, scales = [], []
+        loc = path.initial_loc.expand(batch + state)
+        scale = path.initial_scale.expand(batch + state)
+        for t in range(path.num_steps):
+            if t > 0:
+                loc, scale = path.step(states[-1], steps[t], validate=False)
+            scales.append(scale.expand(batch + state))
+            if correction is None:
+                states.append(torch.addcmul(loc, scale, noise[t]))
+                continue
+            innovation = scale * gains[t] * noise[t]
+            if mixings[t] is not None:
+                innovation = (mixings[t] @ innovation.unsqueeze(-1)).squeeze(-1)
+            states.append(correction.mean(loc, scale, t) + innovation)
+        prior_scales = torch.stack(scales)  # (T, *batch, *state)
+        path.check_scales(prior_scales)
+        log_sd = prior_scales.log()
+        if correction is not None:
+            log_sd = log_sd + correction.log_scale
+        log_det = _sum_state(log_sd, state_dims).sum(0)
+        return torch.stack(states, dim=time_dim), log_det.expand(batch)
+
+    def _inverse_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        loc, scale = self.path.prior_moments(x)
+        by_time = x.movedim(-self._event_dims, 0)
+        log_sd = scale.log()
+        if self.correction is None:
+            noise = (by_time - loc) / scale
+        else:
+            innovation = by_time - self.correction.mean(loc, scale, None)
+            mixing = self.correction.mixing(None)
+            if mixing is not None:
+                innovation = torch.linalg.solve_triangular(
+                    mixing, innovation.unsqueeze(-1), upper=False, unitriangular=True
+                ).squeeze(-1)
+            noise = innovation / (scale * self.correction.log_scale.exp())
+            log_sd = log_sd + self.correction.log_scale
+        log_det = _sum_state(log_sd, len(self.path.state_shape)).sum(0)
+        z = noise.movedim(0, -self._event_dims)
+        return z, log_det.expand(x.shape[: x.dim() - self._event_dims])
+
+    def _log_det(self, z: Tensor, x: Tensor) -> Tensor:
+        return self._inverse_with_log_det(x)[1]
+
+
+def _sum_state(value: Tensor, state_dims: int) -> Tensor:
+    return value.sum(tuple(range(-state_dims, 0))) if state_dims else value

@@ -1,0 +1,95 @@
+"""af.fit: it reaches an exact posterior, stops when flat, and reports divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+import pyro_arflow as af
+from pyro_arflow.fitting import elbo_slope_bound
+
+DATA = torch.tensor([2.1, 1.4, 3.3, 2.8, 1.9, 2.5, 3.1, 2.2])
+
+
+def conjugate_model(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
+
+
+def exact_posterior(data) -> tuple[float, float]:
+    precision = 1 / 9 + len(data)
+    return float(data.sum() / precision), precision**-0.5
+
+
+def test_fit_stops_flat_and_lands_on_the_exact_posterior():
+    guide = AutoNormal(conjugate_model)
+    result = af.fit(conjugate_model, guide, DATA, max_steps=6000, progress=False)
+    assert result.converged and result.status.startswith("converged (flat at")
+    assert result.flat_at < 6000 and result.steps > result.flat_at  # the anneal followed
+    mean, sd = exact_posterior(DATA)
+    fitted_loc = pyro.param("AutoNormal.locs.loc").item()
+    fitted_scale = pyro.param("AutoNormal.scales.loc").item()
+    assert abs(fitted_loc - mean) < 0.03 * sd
+    assert abs(math.log(fitted_scale / sd)) < 0.05
+    assert len(result.elbo) == result.steps and result.seconds > 0
+
+
+def test_fit_honours_the_step_cap():
+    result = af.fit(
+        conjugate_model, AutoNormal(conjugate_model), DATA, max_steps=40, progress=False
+    )
+    assert result.steps == 40 and result.status == "step cap" and not result.converged
+
+
+def exploding_model():
+    """Its log density overflows once the guide's scale grows: a model built to diverge."""
+    x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.factor("overflow", torch.exp(torch.exp(x.abs() * 5.0)))
+
+
+def test_fit_reports_divergence_by_step_and_restores_finite_parameters():
+    guide = AutoNormal(exploding_model, init_scale=1.0)
+    with pytest.warns(RuntimeWarning, match="training diverged at step"):
+        result = af.fit(exploding_model, guide, max_steps=500, progress=False)
+    assert result.diverged and result.status == f"diverged (step {result.steps + 1})"
+    for name, value in pyro.get_param_store().items():
+        assert torch.isfinite(value).all(), name
+
+
+def test_elbo_slope_bound_tells_climbing_from_flat():
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(2000, generator=generator, dtype=torch.float64)
+    flat = noise.tolist()
+    climbing = (noise + 0.002 * torch.arange(2000)).tolist()  # 2 nats per 1000 steps
+    assert elbo_slope_bound(flat) < 0.25
+    assert elbo_slope_bound(climbing) > 1.5
+    assert elbo_slope_bound((0.3 * noise).tolist()) < elbo_slope_bound(flat)  # quieter: surer
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("max_steps", 0),
+        ("lr", -1.0),
+        ("lr", math.nan),
+        ("tolerance", 0.0),
+        ("num_particles", 0),
+        ("max_seconds", -5),
+    ],
+)
+def test_bad_options_raise_value_errors(option, value):
+    with pytest.raises(ValueError, match=option):
+        af.fit(
+            conjugate_model, AutoNormal(conjugate_model), DATA, progress=False, **{option: value}
+        )
+
+
+def test_smoothed_trace_averages_full_windows():
+    result = af.FitResult(elbo=[1.0, 3.0, 5.0, 7.0, 9.0])
+    assert result.smoothed(2) == ([2, 4], [2.0, 6.0])
