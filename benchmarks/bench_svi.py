@@ -8,6 +8,9 @@
    architecture; a second row times the default), with ``AutoNormal`` as the floor.
 2. A 2,000-step latent time series (a local-level model): ``AutoARFlow("iaf-lstm")`` against
    ``AutoNormal`` and ``AutoLowRankMultivariateNormal``.
+3. A stochastic-volatility model whose 2,500-step path is an ``af.GaussianPath``: the
+   prior-structured ``AutoARFlow`` (its default) against ``AutoNormal`` and the flat
+   ``AutoARFlow("iaf-lstm", paths="flat")``.
 
 Guides take turns step by step, in a rotating order; medians are printed with ratios,
 nothing is asserted. On a GPU (``--device cuda``) the model's data and every guide live there
@@ -44,6 +47,19 @@ def local_level(series: torch.Tensor) -> None:
     steps = pyro.sample("steps", dist.Normal(0.0, 1.0).expand([len(series)]).to_event(1))
     level = (level_scale * steps).cumsum(-1)
     pyro.sample("obs", dist.Normal(level, noise_scale.unsqueeze(-1)).to_event(1), obs=series)
+
+
+def volatility(returns: torch.Tensor) -> None:
+    persistence = pyro.sample("persistence", dist.Uniform(-1.0, 1.0))
+    mean = pyro.sample("mean", dist.Normal(-1.0, 2.0))
+    shock = pyro.sample("shock", dist.HalfNormal(0.5))
+    path = af.GaussianPath(
+        lambda h, t: (mean + persistence * (h - mean), shock),
+        dist.Normal(mean, shock / torch.sqrt(1 - persistence**2)),
+        len(returns),
+    )
+    log_vol = pyro.sample("log_vol", path)
+    pyro.sample("returns", dist.Normal(0.0, torch.exp(log_vol / 2)).to_event(1), obs=returns)
 
 
 def ms_per_step(
@@ -139,6 +155,22 @@ def main() -> None:
         args.device,
     )
     report("2,000-step latent time series (local level)", results, "AutoNormal")
+
+    returns = torch.randn(2500) * 0.6
+    results = ms_per_step(
+        volatility,
+        {
+            "AutoNormal": lambda: AutoNormal(volatility),
+            "AutoARFlow (prior-structured, the default)": lambda: af.AutoARFlow(volatility),
+            "AutoARFlow('iaf-lstm', hidden 32, flat)": lambda: af.AutoARFlow(
+                volatility, flow="iaf-lstm", hidden_size=32, paths="flat"
+            ),
+        },
+        (returns,),
+        max(5, args.steps // 4),
+        args.device,
+    )
+    report("2,500-step GaussianPath (stochastic volatility)", results, "AutoNormal")
 
 
 if __name__ == "__main__":

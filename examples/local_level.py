@@ -43,6 +43,7 @@ from _common import (
     plot_elbo_traces,
     posterior_error,
     print_table,
+    resampled_columns,
     run_nuts,
     save_figure,
     seed_everything,
@@ -173,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 "level log-sd err": level_log_sd,
                 "globals mean err (sd)": globals_error,
                 "globals log-sd err": globals_log_sd,
+                **resampled_columns(model, guide, (FLOW,), args.draws, reference, GLOBALS),
             }
         )
     print_table(

@@ -52,6 +52,7 @@ from _common import (
     plot_elbo_traces,
     posterior_error,
     print_table,
+    resampled_columns,
     run_nuts,
     save_figure,
     seed_everything,
@@ -193,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 "guide": name,
                 **fit_columns(fit, model, guide, (returns,), args.draws),
                 **scores(draws, reference, true_log_vol, bands[name]),
+                **(
+                    resampled_columns(model, guide, (returns,), args.draws, reference, GLOBALS)
+                    if reference is not None
+                    else {}
+                ),
             }
         )
     print_table(

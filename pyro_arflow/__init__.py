@@ -2,7 +2,7 @@
 
 from ._checks import flush_finite_checks
 from .conditioners import LSTMConditioner, MaskedConditioner
-from .diagnostics import psis_khat, to_inference_data
+from .diagnostics import ImportanceDraws, importance_resample, psis_khat, to_inference_data
 from .distributed import init_parameters
 from .distributions import GaussianAutoregressive
 from .fitting import FitResult, fit
@@ -35,6 +35,7 @@ __all__ = [
     "FlowPrior",
     "GaussianAutoregressive",
     "GaussianPath",
+    "ImportanceDraws",
     "LSTMConditioner",
     "LinearAutoregression",
     "MaskedConditioner",
@@ -47,6 +48,7 @@ __all__ = [
     "flush_finite_checks",
     "get_flow",
     "iaf",
+    "importance_resample",
     "init_parameters",
     "linear_autoregression",
     "maf",

@@ -53,6 +53,13 @@ class FitResult:
         seconds: wall time of the run.
         flat_at: the step at which the ELBO was flat by the rule (``None``: a cap came first).
         stopped: ``"flat"``, ``"steps"``, ``"time"`` or ``"diverged"``.
+
+    Example::
+
+        >>> import pyro_arflow as af
+        >>> result = af.FitResult(elbo=[-9.0, -5.0, -4.0, -4.0], flat_at=4, stopped="flat")
+        >>> result.status, result.steps, result.smoothed(2)
+        ('converged (flat at 4)', 4, ([2, 4], [-7.0, -4.0]))
     """
 
     elbo: list[float] = field(default_factory=list)

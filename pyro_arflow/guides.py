@@ -43,6 +43,11 @@ from .structured import PathResidual, SiteSlot, StructuredTransform
 
 __all__ = ["AutoARFlow"]
 
+MASKED_FLOWS = ("iaf", "maf")
+MIN_MASKED_WIDTH = 64
+"""The built-in masked flows' default hidden layer is ``3 D + 1`` units wide (as Pyro's), and at
+least this: over a few globals 10 units left a Nile guide's mean error at 0.103 NUTS sds,
+64 units at 0.035."""
 INIT_SCALE_RANGE = (1e-3, 10.0)
 """``init_scale`` values outside this range draw a warning."""
 LARGE_FLOW_MB = 256
@@ -71,7 +76,8 @@ class AutoARFlow(AutoContinuous):
             globals, whatever ``init_loc_fn`` says of the path.
         path_hidden_dim: width of the ``tanh`` layer through which each path's residual
             reads the globals (0: linearly).
-        flow_kwargs: passed to :func:`~pyro_arflow.build_flow` (``hidden_dims``,
+        flow_kwargs: passed to :func:`~pyro_arflow.build_flow` (``hidden_dims``: the masked
+            flows default to one hidden layer of ``3 D + 1`` units, at least 64;
             ``hidden_size``, ``permutation``, ...). They are checked at construction, on a
             two-dimensional stand-in of the flow; the flow itself is built at the guide's first
             call, when the size of the latent vector is known.
@@ -186,8 +192,11 @@ class AutoARFlow(AutoContinuous):
         init_globals = init_loc[global_index]
         self.global_dim = len(global_index)
         if self.global_dim:
+            flow_kwargs = dict(self._flow_kwargs)
+            if self._flow_name in MASKED_FLOWS and "hidden_dims" not in flow_kwargs:
+                flow_kwargs["hidden_dims"] = [max(3 * self.global_dim + 1, MIN_MASKED_WIDTH)]
             self.flow = build_flow(
-                self._flow_name, self.global_dim, self._num_flows, **self._flow_kwargs
+                self._flow_name, self.global_dim, self._num_flows, **flow_kwargs
             ).to(dtype=init_loc.dtype, device=init_loc.device)
             self._warn_if_large(init_loc.element_size())
             self.loc = PyroParam(init_globals, constraints.real)

@@ -363,13 +363,19 @@ class ConditionalAffineAutoregressive(ConditionalTransformModule):
 
 
 class ConditionalIAF(ConditionalAffineAutoregressive):
-    r"""IAF whose :math:`(\mu_i, \sigma_i)` also read a context :math:`c`: amortized guides."""
+    r"""IAF whose :math:`(\mu_i, \sigma_i)` also read a context :math:`c`: amortized guides.
+
+    Built by :func:`conditional_iaf` (whose example shows one in use).
+    """
 
     reads_output = False
 
 
 class ConditionalMAF(ConditionalAffineAutoregressive):
-    r"""MAF whose :math:`(\mu_i, \sigma_i)` also read a context :math:`c`: conditional priors."""
+    r"""MAF whose :math:`(\mu_i, \sigma_i)` also read a context :math:`c`: conditional priors.
+
+    Built by :func:`conditional_maf` (whose example shows one in use).
+    """
 
     reads_output = True
 
@@ -381,6 +387,13 @@ class Permutation(_LastPair, TransformModule):
     parity. The permutation is a buffer, so it follows ``.to()`` and survives ``state_dict``.
     The built-in flows never need it (each layer takes its own order); ``build_flow`` puts it
     between the layers of a registered flow that takes no ``ordering``.
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> swap = af.Permutation(torch.tensor([1, 0, 2]))
+        >>> swap(torch.tensor([1.0, 2.0, 3.0])), swap.sign
+        (tensor([2., 1., 3.]), -1)
     """
 
     domain = constraints.real_vector
@@ -430,7 +443,16 @@ def iaf(
     scale_map: str | ScaleMap = "softplus",
     **kwargs: Any,
 ) -> IAF:
-    """One IAF layer; ``kwargs`` go to the conditioner (``hidden_dims``, ``ordering``, ...)."""
+    """One IAF layer; ``kwargs`` go to the conditioner (``hidden_dims``, ``ordering``, ...).
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> layer = af.iaf(6, conditioner="lstm", hidden_size=8)
+        >>> x = torch.randn(4, 6)
+        >>> torch.allclose(layer.inv(layer(x)), x, atol=1e-5)
+        True
+    """
     return IAF(make_conditioner(conditioner, input_dim, **kwargs), scale_map)
 
 
@@ -440,7 +462,15 @@ def maf(
     scale_map: str | ScaleMap = "softplus",
     **kwargs: Any,
 ) -> MAF:
-    """One MAF layer; ``kwargs`` go to the conditioner (``hidden_dims``, ``ordering``, ...)."""
+    """One MAF layer; ``kwargs`` go to the conditioner (``hidden_dims``, ``ordering``, ...).
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> layer = af.maf(6, hidden_dims=[16], ordering="reversed")
+        >>> layer(torch.randn(4, 6)).shape  # the sequential direction
+        torch.Size([4, 6])
+    """
     return MAF(make_conditioner(conditioner, input_dim, **kwargs), scale_map)
 
 

@@ -96,3 +96,28 @@ def test_bad_arguments_raise_value_error():
         af.psis_khat(model, gaussian_guide(0.0, 1.0), DATA, num_particles=1)
     with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
         af.to_inference_data(model, gaussian_guide(0.0, 1.0), DATA, num_samples=0)
+
+
+def conjugate_pair(data):
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 3.0).to_event(1))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=data)
+
+
+def test_importance_resampling_recovers_the_exact_posterior_the_guide_misses():
+    data = torch.tensor([[0.5, -1.0], [1.5, 0.2], [0.9, -0.4], [1.2, 0.0]])
+    precision = 1 / 9 + len(data)
+    mean, sd = data.sum(0) / precision, precision**-0.5
+
+    def off_guide(data):  # 0.3 sd off-centre and 20% too narrow
+        pyro.sample("loc", dist.Normal(mean + 0.3 * sd, 0.8 * sd).to_event(1))
+
+    draws = af.importance_resample(
+        conjugate_pair, off_guide, data, num_samples=20000, num_proposals=100000
+    )
+    loc = draws.samples["loc"]
+    assert loc.shape == (20000, 2)
+    assert ((loc.mean(0) - mean).abs() / sd).max() < 0.05
+    assert ((loc.std(0) / sd).log().abs()).max() < 0.05
+    assert draws.khat < 0.7 and 1000 < draws.ess < 100000
+    assert torch.isclose(draws.log_weights.exp().sum(), torch.tensor(1.0, dtype=torch.float64))

@@ -8,9 +8,9 @@ import sys
 import pyro
 import pytest
 import torch
-from conftest import EXAMPLES, load_example
 
 import pyro_arflow as af
+from conftest import EXAMPLES, load_example
 
 
 @pytest.mark.skipif(
