@@ -49,6 +49,11 @@ def local_level(series: torch.Tensor) -> None:
     pyro.sample("obs", dist.Normal(level, noise_scale.unsqueeze(-1)).to_event(1), obs=series)
 
 
+class FlatAutoARFlow(af.AutoARFlow):
+    """An ``AutoARFlow`` under its own name, so its parameters do not clash in the param store
+    with the other ``AutoARFlow`` it is timed against."""
+
+
 def volatility(returns: torch.Tensor) -> None:
     persistence = pyro.sample("persistence", dist.Uniform(-1.0, 1.0))
     mean = pyro.sample("mean", dist.Normal(-1.0, 2.0))
@@ -162,7 +167,7 @@ def main() -> None:
         {
             "AutoNormal": lambda: AutoNormal(volatility),
             "AutoARFlow (prior-structured, the default)": lambda: af.AutoARFlow(volatility),
-            "AutoARFlow('iaf-lstm', hidden 32, flat)": lambda: af.AutoARFlow(
+            "AutoARFlow('iaf-lstm', hidden 32, flat)": lambda: FlatAutoARFlow(
                 volatility, flow="iaf-lstm", hidden_size=32, paths="flat"
             ),
         },

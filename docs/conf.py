@@ -18,7 +18,7 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "results"]  # the runs' tables: included by examples.md
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 

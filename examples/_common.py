@@ -70,16 +70,16 @@ def posterior_error(
 ELBO_WINDOW = 100
 
 
-def plot_elbo_traces(axis: Any, fits: dict[str, af.FitResult]) -> None:
+def plot_elbo_traces(axis: Any, fits: dict[str, af.FitResult], span: float = 40.0) -> None:
     """Each guide's ELBO, averaged over windows of 100 steps (fewer for short smoke runs),
-    against the step; the vertical range is the top 40 nats, where the guides finish."""
+    against the step; the vertical range is the top ``span`` nats, where the guides finish."""
     finished = [fit.steps for fit in fits.values() if not fit.diverged] or [ELBO_WINDOW]
     window = max(1, min(ELBO_WINDOW, min(finished) // 4))
     for name, fit in fits.items():
         label = f"{name} ({fit.status if fit.diverged else f'{fit.steps} steps'})"
         axis.plot(*fit.smoothed(window), label=label, linewidth=1.0)
     top = max(max(fit.smoothed(window)[1], default=-math.inf) for fit in fits.values())
-    axis.set_ylim(top - 40, top + 5)
+    axis.set_ylim(top - span, top + 0.1 * span)
     axis.set_title("ELBO while training with af.fit: until flat or out of budget, then annealed")
     axis.set_xlabel("step")
     axis.set_ylabel(f"ELBO, mean of {window} steps")

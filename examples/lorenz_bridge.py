@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 def plot(truth, x_observed, nuts_mean, means, fits, out: Path) -> None:
     figure, axes = plt.subplots(4, 1, figsize=(10, 10))
-    plot_elbo_traces(axes[0], fits)
+    plot_elbo_traces(axes[0], fits, span=500.0)  # the flat guides end hundreds of nats below
     time = torch.arange(STATES).numpy()
     for coordinate, axis in enumerate(axes[1:]):
         axis.plot(time, truth[:, coordinate].numpy(), color="black", linewidth=1.0, label="truth")
@@ -174,7 +174,7 @@ def plot(truth, x_observed, nuts_mean, means, fits, out: Path) -> None:
             axis.scatter(time[OBSERVED], x_observed[OBSERVED].numpy(), s=8, color="0.4")
         axis.set_ylabel("xyz"[coordinate])
     axes[1].set_title("Posterior means of the path against NUTS (dots: the observed x)")
-    axes[1].legend(fontsize=7, ncol=3, loc="upper right")
+    axes[2].legend(fontsize=7, ncol=2, loc="lower right")  # where no path runs
     axes[-1].set_xlabel("t")
     save_figure(figure, out / "lorenz_bridge.png")
 

@@ -2,16 +2,20 @@ r"""``fit``: train a guide until its ELBO is flat, then anneal; one rule for eve
 
 The rule, in two phases, with Pyro's ``ClippedAdam`` (gradient norm clipped at 10):
 
-1. **Until flat**, at a constant learning rate. Every ``check_every`` steps, once ``min_steps``
-   are done, regress the per-step ELBO estimates of the last half of training on the step.
-   The ELBO is *flat* when the slope's upper bound, slope plus two standard errors, is below
-   ``tolerance`` nats per 1000 steps: a guide still climbing is seen to climb, and how long
-   it takes to tell depends on how noisy its ELBO is, not on a fixed start. A guide close
-   to the posterior has a quiet ELBO and stops early; a noisy one is given the steps its
-   noise needs. (A rule comparing windows with the best one so far stops too early: the
-   best is biased upward by the noise.)
+1. **Until flat, twice.** At a constant learning rate, every ``check_every`` steps once
+   ``min_steps`` are done, regress the per-step ELBO estimates of the last half of the
+   steps at this rate on the step. The ELBO is *flat* when the slope's upper bound, slope
+   plus two standard errors, is below ``tolerance`` nats per 1000 steps: a guide still
+   climbing is seen to climb, and how long it takes to tell depends on how noisy its ELBO
+   is, not on a fixed start. A guide close to the posterior has a quiet ELBO and stops
+   early; a noisy one is given the steps its noise needs. (A rule comparing windows with
+   the best one so far stops too early: the best is biased upward by the noise.) Once flat,
+   the learning rate drops 10x and training goes on until the ELBO is flat again (after at
+   least ``min_steps // 2`` steps): a plateau set by the optimizer's noise, not by the
+   guide, is then climbed. (With one plateau, a full-rank Gaussian on the volatility
+   example gained 30 nats in the anneal that followed it.)
 2. **Anneal**: half as many steps again as phase 1 took (at least 500, at most 2000), the
-   learning rate decaying 10x, and the parameters averaged over these steps (Polyak and
+   learning rate decaying another 10x, and the parameters averaged over these steps (Polyak and
    Juditsky 1992): the guide ends at the average. A flat trace says the optimizer no longer
    gains on average, not that the parameters stand still: at a constant rate they wander,
    and so do the posterior means they give.
@@ -51,7 +55,8 @@ class FitResult:
     Attributes:
         elbo: the ELBO estimate of every finished step.
         seconds: wall time of the run.
-        flat_at: the step at which the ELBO was flat by the rule (``None``: a cap came first).
+        flat_at: the step at which the ELBO was flat by the rule at the reduced learning rate
+            (``None``: a cap came first).
         stopped: ``"flat"``, ``"steps"``, ``"time"`` or ``"diverged"``.
 
     Example::
@@ -193,23 +198,33 @@ def fit(
         return True
 
     with tqdm(total=max_steps, desc="fit", disable=not progress, leave=False) as bar:
-        while result.flat_at is None:
-            if result.steps >= max_steps - _anneal_steps(result.steps):
+        plateau_start = 0  # the step at which the current learning rate began
+        for plateau in range(PLATEAUS):
+            if plateau:
+                _scale_learning_rate(optimizer, PLATEAU_DROP)
+            flat = False
+            while not flat:
+                if result.steps >= max_steps - _anneal_steps(result.steps):
+                    break
+                if max_seconds is not None and time.perf_counter() - start > 0.8 * max_seconds:
+                    result.stopped = "time"
+                    break
+                if not step():
+                    result.seconds = time.perf_counter() - start
+                    return result
+                if result.steps % check_every == 0:
+                    snapshot = _snapshot()
+                    bar.set_postfix(elbo=f"{sum(result.elbo[-check_every:]) / check_every:.2f}")
+                    since = result.steps - plateau_start
+                    if since >= (min_steps if plateau == 0 else min_steps // 2):
+                        recent = result.elbo[plateau_start + since // 2 :]
+                        flat = elbo_slope_bound(recent) < tolerance
+            if not flat:
                 break
-            if max_seconds is not None and time.perf_counter() - start > 0.8 * max_seconds:
-                result.stopped = "time"
-                break
-            if not step():
-                result.seconds = time.perf_counter() - start
-                return result
-            if result.steps % check_every == 0:
-                snapshot = _snapshot()
-                bar.set_postfix(elbo=f"{sum(result.elbo[-check_every:]) / check_every:.2f}")
-                if result.steps >= min_steps:
-                    recent = result.elbo[result.steps // 2 :]
-                    if elbo_slope_bound(recent) < tolerance:
-                        result.flat_at = result.steps
-                        result.stopped = "flat"
+            plateau_start = result.steps
+        else:
+            result.flat_at = result.steps
+            result.stopped = "flat"
         anneal = min(_anneal_steps(result.steps), max_steps - result.steps)
         if max_seconds is not None and result.steps:
             per_step = (time.perf_counter() - start) / result.steps
@@ -225,6 +240,15 @@ def fit(
             average.install()
     result.seconds = time.perf_counter() - start
     return result
+
+
+PLATEAUS, PLATEAU_DROP = 2, 0.1
+
+
+def _scale_learning_rate(optimizer: ClippedAdam, factor: float) -> None:
+    for parameter_optimizer in optimizer.optim_objs.values():
+        for group in parameter_optimizer.param_groups:
+            group["lr"] *= factor
 
 
 def _anneal_steps(phase_one: int) -> int:

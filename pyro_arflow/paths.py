@@ -294,8 +294,15 @@ class PathFlow(_LastPair, Transform):
         correction = self.correction
         noise = z.unbind(time_dim)
         if correction is not None:
-            gains = correction.log_scale.exp().unbind(0)
-            mixings = [correction.mixing(t) for t in range(path.num_steps)]
+            # every step's coefficients at once: mean = (1 + A) f + (-A r) + g b, and the
+            # noise already scaled by e^rho (scalar states: a step is two fused multiply-adds)
+            gained = (z.movedim(time_dim, 0) * correction.log_scale.exp()).unbind(0)
+            shifts = correction.shift.unbind(0)
+            if correction.lower is None:
+                gains = (1 + correction.mix).unbind(0)
+                offsets = (-correction.mix * correction.reference).unbind(0)
+            else:
+                mixings = [correction.mixing(t) for t in range(path.num_steps)]
         steps = torch.arange(path.num_steps, device=z.device).unbind(0)
         states, scales = [], []
         loc = path.initial_loc.expand(batch + state)
@@ -303,14 +310,16 @@ class PathFlow(_LastPair, Transform):
         for t in range(path.num_steps):
             if t > 0:
                 loc, scale = path.step(states[-1], steps[t], validate=False)
-            scales.append(scale.expand(batch + state))
+            scales.append(scale)
             if correction is None:
                 states.append(torch.addcmul(loc, scale, noise[t]))
-                continue
-            innovation = scale * gains[t] * noise[t]
-            if mixings[t] is not None:
-                innovation = (mixings[t] @ innovation.unsqueeze(-1)).squeeze(-1)
-            states.append(correction.mean(loc, scale, t) + innovation)
+            elif correction.lower is None:
+                mean = torch.addcmul(torch.addcmul(offsets[t], gains[t], loc), scale, shifts[t])
+                states.append(torch.addcmul(mean, scale, gained[t]))
+            else:
+                innovation = (mixings[t] @ (scale * gained[t]).unsqueeze(-1)).squeeze(-1)
+                states.append(correction.mean(loc, scale, t) + innovation)
+        scales = [scale.expand(batch + state) for scale in scales]
         prior_scales = torch.stack(scales)  # (T, *batch, *state)
         path.check_scales(prior_scales)
         log_sd = prior_scales.log()
