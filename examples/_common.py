@@ -239,6 +239,29 @@ def seed_everything(seed: int) -> None:
     pyro.clear_param_store()
 
 
+def parse_study_args(
+    description: str,
+    default_steps: int,
+    argv: Sequence[str] | None,
+    guides_help: str = "fit only these guides (names as in the table)",
+    flags: dict[str, str] | None = None,
+    options: dict[str, tuple[int, str]] | None = None,
+) -> argparse.Namespace:
+    """:func:`parse_args` for an example scored against NUTS: it also takes
+    ``--regenerate-reference``, ``--draws`` and ``--guides``."""
+    return parse_args(
+        description,
+        default_steps,
+        argv,
+        flags={
+            "--regenerate-reference": "rerun NUTS and rewrite the reference file, then stop",
+            **(flags or {}),
+        },
+        options={**DRAWS_OPTION, **(options or {})},
+        lists={"--guides": guides_help},
+    )
+
+
 @dataclass
 class Chains:
     """NUTS draws of every latent site, shaped ``(chains, draws, *site_shape)``."""

@@ -34,12 +34,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 from _common import (
-    DRAWS_OPTION,
     chosen,
     comparison_guides,
     fit_columns,
     guide_draws,
-    parse_args,
+    parse_study_args,
     plot_elbo_traces,
     posterior_error,
     print_table,
@@ -133,17 +132,13 @@ OPTIONAL_GUIDES = {
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_args(
+    args = parse_study_args(
         __doc__.splitlines()[0],
         default_steps=30000,
         argv=argv,
-        flags={"--regenerate-reference": "rerun NUTS and rewrite the reference file, then stop"},
-        options=DRAWS_OPTION,
-        lists={
-            "--guides": "fit only these guides (names as in the table; also "
-            + ", ".join(OPTIONAL_GUIDES)
-            + ")"
-        },
+        guides_help="fit only these guides (names as in the table; also "
+        + ", ".join(OPTIONAL_GUIDES)
+        + ")",
     )
     if args.regenerate_reference:
         regenerate_reference(args.seed)

@@ -32,11 +32,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from _common import (
-    DRAWS_OPTION,
     chosen,
     fit_columns,
     guide_draws,
-    parse_args,
+    parse_study_args,
     plot_elbo_traces,
     posterior_error,
     print_table,
@@ -125,14 +124,7 @@ def regenerate_reference(seed: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_args(
-        __doc__.splitlines()[0],
-        default_steps=10000,
-        argv=argv,
-        flags={"--regenerate-reference": "rerun NUTS and rewrite the reference file, then stop"},
-        options=DRAWS_OPTION,
-        lists={"--guides": "fit only these guides (names as in the table)"},
-    )
+    args = parse_study_args(__doc__.splitlines()[0], default_steps=10000, argv=argv)
     if args.regenerate_reference:
         regenerate_reference(args.seed)
         return []

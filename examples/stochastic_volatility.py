@@ -41,14 +41,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from _common import (
-    DRAWS_OPTION,
     PRIOR_STRUCTURED,
     Chains,
     chosen,
     comparison_guides,
     fit_columns,
     guide_draws,
-    parse_args,
+    parse_study_args,
     plot_elbo_traces,
     posterior_error,
     print_table,
@@ -159,20 +158,15 @@ def regenerate_reference(seed: int, chains: int = 2, warmup: int = 1000, draws: 
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_args(
+    args = parse_study_args(
         __doc__.splitlines()[0],
         default_steps=15000,
         argv=argv,
-        flags={
-            "--regenerate-reference": "rerun NUTS at T=200, rewrite the reference file, stop",
-            "--no-mcmc": "skip the plain and NeuTra NUTS rows",
-        },
+        flags={"--no-mcmc": "skip the plain and NeuTra NUTS rows"},
         options={
-            **DRAWS_OPTION,
             "--length": (REFERENCE_LENGTH, "number of returns T"),
             "--mcmc-draws": (300, "NUTS draws per chain (after as many warm-up steps)"),
         },
-        lists={"--guides": "fit only these guides (names as in the table)"},
     )
     if args.regenerate_reference:
         regenerate_reference(args.seed)
