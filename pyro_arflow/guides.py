@@ -257,6 +257,13 @@ class AutoARFlow(AutoContinuous):
             shape = self._unconstrained_shapes[name]
             size = math.prod(shape)
             is_path = self._paths == "prior" and isinstance(site["fn"], GaussianPath)
+            if is_path and any(frame.vectorized for frame in site["cond_indep_stack"]):
+                raise ValueError(
+                    f"the GaussianPath site {name!r} lies in the plate "
+                    f"{site['cond_indep_stack'][0].name!r}: prior-structured paths in plates "
+                    "(one path per member) are not supported yet. Use paths='flat', or a "
+                    "GaussianPath whose states are vectors over the members"
+                )
             slots.append(
                 SiteSlot(
                     name, start, size, shape, site["fn"].support, None if is_path else global_start

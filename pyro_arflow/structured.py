@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import Transform, biject_to, constraints
 
@@ -143,9 +144,17 @@ class SiteSlot:
     global_start: int | None
 
 
+class _LatentsDone(Exception):
+    """Raised once every latent site of a model run has its value: the rest of the model
+    (its observations) is not the guide's business."""
+
+
 class _RunWithGuideValues(Messenger):
     """Inside a model run: globals take the given values; each path site is drawn from
-    (``draw``) or scored against (else) its prior's corrected flow."""
+    (``draw``) or scored against (else) its prior's corrected flow. The run stops after the
+    last latent site (``_LatentsDone``), before any observation: the guide needs nothing
+    after it, and an observation's plate would otherwise be placed against the particle plate
+    of a caller that sized it from the guide alone (``Predictive`` does)."""
 
     def __init__(
         self,
@@ -160,10 +169,11 @@ class _RunWithGuideValues(Messenger):
         self.corrections = corrections
         self.draw = draw
         self.results: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self.pending = set(global_values) | set(path_inputs)
 
     def _pyro_sample(self, msg: dict[str, Any]) -> None:
         name = msg["name"]
-        if msg["is_observed"]:
+        if msg["is_observed"] or site_is_subsample(msg):
             return
         if name in self.global_values:
             value = self.global_values[name]
@@ -190,6 +200,9 @@ class _RunWithGuideValues(Messenger):
             )
         msg["value"] = value
         msg["is_observed"] = True
+        self.pending.discard(name)
+        if not self.pending:
+            raise _LatentsDone
 
 
 class StructuredTransform(_LastPair, Transform):
@@ -264,13 +277,17 @@ class StructuredTransform(_LastPair, Transform):
             for name, residual in self.residuals.items()
         }
         runner = _RunWithGuideValues(global_values, path_inputs, corrections, draw)
-        with poutine.block(), runner:
-            self.model(*self.args, **self.kwargs)
+        try:
+            with poutine.block(), runner:
+                self.model(*self.args, **self.kwargs)
+        except _LatentsDone:
+            pass
         pieces = []
         for slot in self.slots:
             if slot.global_start is None:
                 value, noise, path_log_det = runner.results[slot.name]
-                log_det = log_det + path_log_det
+                # a path in a plate: one log-det per member, summed for the latent vector
+                log_det = log_det + path_log_det.reshape(batch + (-1,)).sum(-1)
                 pieces.append((value if draw else noise).reshape(batch + (slot.size,)))
             else:
                 source = theta if draw else globals_noise

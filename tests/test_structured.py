@@ -206,3 +206,39 @@ def test_bad_path_options_raise(value):
         af.AutoARFlow(ar1_model, path_hidden_dim=value)
     with pytest.raises(ValueError, match="paths must be"):
         af.AutoARFlow(ar1_model, paths="flow")
+
+
+def observed_in_a_plate(data):
+    """A path outside any plate, its observations in one (max_plate_nesting = 1)."""
+    scale = pyro.sample("scale", dist.HalfNormal(1.0))
+    level = pyro.sample("level", af.GaussianPath(lambda x, t: (x, scale), dist.Normal(0.0, 1.0), 6))
+    with pyro.plate("time", 6):
+        pyro.sample("y", dist.Normal(level, 0.5), obs=data)
+
+
+def test_a_path_beside_a_plate_trains_and_summarizes():
+    data = torch.linspace(0, 1, 6)
+    guide = af.AutoARFlow(observed_in_a_plate, hidden_dims=[4])
+    loss = Trace_ELBO(num_particles=4, vectorize_particles=True).loss(
+        observed_in_a_plate, guide, data
+    )
+    assert torch.isfinite(torch.tensor(loss))
+    assert guide.quantiles([0.5], data)["level"].shape == (1, 6)
+    # Predictive sized its particle plate from the guide, which shows no plate: the guide's
+    # model run stops before the observations' plate, which would otherwise collide with it
+    draws = Predictive(observed_in_a_plate, guide=guide, num_samples=5, parallel=True)(data)
+    assert draws["level"].shape == (5, 1, 6)  # Pyro's layout with one plate, as AutoNormal's
+
+
+def paths_in_a_plate(data):
+    with pyro.plate("series", 3):
+        start = pyro.sample("start", dist.Normal(0.0, 5.0))
+        path = af.GaussianPath(lambda x, t: (x, 1.0), dist.Normal(start, 1.0), 4)
+        level = pyro.sample("level", path)
+        pyro.sample("y", dist.Normal(level, 0.5).to_event(1), obs=data)
+
+
+def test_paths_in_a_plate_are_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="'level' lies in the plate 'series'.*paths='flat'"):
+        af.AutoARFlow(paths_in_a_plate)(torch.zeros(3, 4))
+    assert af.AutoARFlow(paths_in_a_plate, paths="flat", hidden_dims=[16])(torch.zeros(3, 4))
