@@ -121,6 +121,12 @@ def guide_draws(
         values = Predictive(
             model, guide=guide, num_samples=draws, parallel=True, return_sites=list(sites)
         )(*data)
+    return per_draw(values, draws)
+
+
+def per_draw(values: dict[str, torch.Tensor], draws: int) -> dict[str, torch.Tensor]:
+    """Each site's ``draws`` values shaped ``(draws, *site_shape)`` (scalar sites
+    ``(draws,)``), whatever batch dims a vectorized run left."""
     return {site: value.reshape(draws, -1).squeeze(-1) for site, value in values.items()}
 
 
@@ -149,8 +155,7 @@ def resampled_columns(
     guide (``af.importance_resample``, ``draws`` draws from ten times as many proposals), and
     the resampling's k-hat."""
     resampled = af.importance_resample(model, guide, *data, num_samples=draws)
-    flat = {site: value.reshape(draws, -1).squeeze(-1) for site, value in resampled.samples.items()}
-    error, log_sd = posterior_error(flat, reference, sites)
+    error, log_sd = posterior_error(per_draw(resampled.samples, draws), reference, sites)
     return {
         "IS k-hat": resampled.khat,
         "IS globals mean err": error,

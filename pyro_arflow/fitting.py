@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,10 +245,15 @@ def fit(
 PLATEAUS, PLATEAU_DROP = 2, 0.1
 
 
-def _scale_learning_rate(optimizer: ClippedAdam, factor: float) -> None:
+def _param_groups(optimizer: ClippedAdam) -> Iterator[dict[str, Any]]:
+    """Every parameter group of every per-parameter optimizer Pyro made."""
     for parameter_optimizer in optimizer.optim_objs.values():
-        for group in parameter_optimizer.param_groups:
-            group["lr"] *= factor
+        yield from parameter_optimizer.param_groups
+
+
+def _scale_learning_rate(optimizer: ClippedAdam, factor: float) -> None:
+    for group in _param_groups(optimizer):
+        group["lr"] *= factor
 
 
 def _anneal_steps(phase_one: int) -> int:
@@ -257,9 +262,8 @@ def _anneal_steps(phase_one: int) -> int:
 
 def _set_decay(optimizer: ClippedAdam, per_step: float) -> None:
     """From now on every parameter's learning rate is multiplied by ``per_step`` each step."""
-    for parameter_optimizer in optimizer.optim_objs.values():
-        for group in parameter_optimizer.param_groups:
-            group["lrd"] = per_step
+    for group in _param_groups(optimizer):
+        group["lrd"] = per_step
 
 
 class _RunningAverage:

@@ -39,7 +39,7 @@ from ._params import module_context, store_name, synced_child
 from .distributed import check_lazy_parameters_may_appear
 from .paths import GaussianPath, PathFlow
 from .registry import build_flow
-from .structured import PathResidual, SiteSlot, StructuredTransform
+from .structured import PathResidual, SiteSlot, StructuredTransform, global_positions
 
 __all__ = ["AutoARFlow"]
 
@@ -183,12 +183,7 @@ class AutoARFlow(AutoContinuous):
         self._argument_shapes = argument_shapes(args, kwargs)
         init_loc = self._init_loc()  # a fresh tensor (concatenated), never the user's
         self._slots = self._site_slots()
-        global_index = [
-            index
-            for slot in self._slots
-            if slot.global_start is not None
-            for index in range(slot.start, slot.start + slot.size)
-        ]
+        global_index = global_positions(self._slots)
         init_globals = init_loc[global_index]
         self.global_dim = len(global_index)
         if self.global_dim:

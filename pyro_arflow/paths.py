@@ -246,13 +246,13 @@ class PathCorrection:
             return loc + scale * b + a * departure
         return loc + scale * b + (a @ departure.unsqueeze(-1)).squeeze(-1)
 
-    def mixing(self, t: int | None) -> Tensor | None:
-        """:math:`I + L` at step ``t`` (``None``: every step), or ``None`` for scalar states."""
+    def mixing(self) -> Tensor | None:
+        """:math:`I + L` of every step, time first, or ``None`` for scalar states."""
         if self.lower is None:
             return None
-        lower = self.lower if t is None else self.lower[t]
-        identity = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
-        return identity + lower.tril(-1)
+        size = self.lower.shape[-1]
+        identity = torch.eye(size, dtype=self.lower.dtype, device=self.lower.device)
+        return identity + self.lower.tril(-1)
 
 
 class PathFlow(_LastPair, Transform):
@@ -302,7 +302,7 @@ class PathFlow(_LastPair, Transform):
                 gains = (1 + correction.mix).unbind(0)
                 offsets = (-correction.mix * correction.reference).unbind(0)
             else:
-                mixings = [correction.mixing(t) for t in range(path.num_steps)]
+                mixings = correction.mixing().unbind(0)
         steps = torch.arange(path.num_steps, device=z.device).unbind(0)
         states, scales = [], []
         loc = path.initial_loc.expand(batch + state)
@@ -336,7 +336,7 @@ class PathFlow(_LastPair, Transform):
             noise = (by_time - loc) / scale
         else:
             innovation = by_time - self.correction.mean(loc, scale, None)
-            mixing = self.correction.mixing(None)
+            mixing = self.correction.mixing()
             if mixing is not None:
                 innovation = torch.linalg.solve_triangular(
                     mixing, innovation.unsqueeze(-1), upper=False, unitriangular=True

@@ -43,7 +43,7 @@ from torch.distributions import Transform, biject_to, constraints
 from .paths import GaussianPath, PathCorrection, PathFlow
 from .transforms import _LastPair
 
-__all__ = ["PathResidual", "SiteSlot", "StructuredTransform"]
+__all__ = ["PathResidual", "SiteSlot", "StructuredTransform", "global_positions"]
 
 
 class PathResidual(nn.Module):
@@ -144,6 +144,16 @@ class SiteSlot:
     global_start: int | None
 
 
+def global_positions(slots: list[SiteSlot]) -> list[int]:
+    """The positions of the globals' coordinates in the latent vector, in order."""
+    return [
+        index
+        for slot in slots
+        if slot.global_start is not None
+        for index in range(slot.start, slot.start + slot.size)
+    ]
+
+
 class _LatentsDone(Exception):
     """Raised once every latent site of a model run has its value: the rest of the model
     (its observations) is not the guide's business."""
@@ -233,12 +243,7 @@ class StructuredTransform(_LastPair, Transform):
         self.slots = slots
         self.globals_transform = globals_transform
         self.residuals = residuals
-        self.global_index = [
-            index
-            for slot in slots
-            if slot.global_start is not None
-            for index in range(slot.start, slot.start + slot.size)
-        ]
+        self.global_index = global_positions(slots)
 
     def _call_with_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return self._run(z, draw=True)
@@ -286,7 +291,8 @@ class StructuredTransform(_LastPair, Transform):
         for slot in self.slots:
             if slot.global_start is None:
                 value, noise, path_log_det = runner.results[slot.name]
-                # a path in a plate: one log-det per member, summed for the latent vector
+                # a site with batch dims of its own: one log-det per member, summed, as the
+                # latent vector has one density per draw
                 log_det = log_det + path_log_det.reshape(batch + (-1,)).sum(-1)
                 pieces.append((value if draw else noise).reshape(batch + (slot.size,)))
             else:
