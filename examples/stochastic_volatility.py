@@ -1,36 +1,18 @@
-"""Stochastic volatility: flow guides against mean-field and full-rank VI, scored against NUTS.
+"""Stochastic volatility: a guide that starts from the model's own latent path.
 
-    python examples/stochastic_volatility.py [--length T] [--steps N] [--seed S] [--out DIR]
-        [--guides NAME ...] [--no-mcmc] [--mcmc-draws N] [--draws N]
-    python examples/stochastic_volatility.py --regenerate-reference   # reruns NUTS (T=200)
-    python examples/stochastic_volatility.py --length 2500            # a long path
+    python examples/stochastic_volatility.py [--seconds S] [--steps N] [--out DIR]
 
-The model (centered parametrization; Kim, Shephard and Chib 1998):
-
-    persistence ~ Uniform(-1, 1),  mean ~ Normal(-1, 2),  shock ~ HalfNormal(0.5)
-    h_1 ~ Normal(mean, shock / sqrt(1 - persistence^2))
-    h_t ~ Normal(mean + persistence * (h_{t-1} - mean), shock)     t = 2..T
-    r_t ~ Normal(0, exp(h_t / 2))
-
-on T returns simulated from persistence 0.95, mean -1, shock 0.25 (a fixed seed, so the data
-are the same on every run). Every guide trains until its ELBO is flat, then anneals (the
-rule is ``af.fit``'s). At T = 200 each one is scored against a NUTS reference (2 chains
-of 2000 draws at target acceptance 0.95 on the non-centered form of the model, which has the
-same posterior; its summary ships in ``data/sv_nuts_reference.json``): the mean error of the
-posterior means and the mean |log ratio| of the posterior sds, in NUTS sds, over all 203
-latents and over the three globals.
-Two more rows run NUTS itself on the centered model, plain and preconditioned by the trained
-masked IAF guide (NeuTra, Hoffman et al. 2019), with their effective sample sizes per second.
-At any length the guides are also scored against the simulated path (coverage of the 90%
-band, RMSE of the posterior mean). Longer series use the guides that fit there: full-rank
-Gaussians and Pyro's IAF (whose hidden layers grow with T) do not.
+Returns r_t ~ Normal(0, exp(h_t / 2)), where the log-volatility h is an AR(1) path with unknown
+persistence, mean and shock scale, declared as an ``af.GaussianPath``; 200 returns simulated
+from persistence 0.95, mean -1, shock 0.25. Three guides train by ``af.fit`` under the same
+time budget: Pyro's mean-field ``AutoNormal``, its full-rank ``AutoMultivariateNormal``, and
+``af.AutoARFlow``, which draws the path by the prior's own flow plus a learned correction.
+The table scores each against the simulated path (RMSE of the posterior mean, coverage of the
+90% band) and gives its ELBO and PSIS k-hat; the figure shows the bands. The study that scores
+these guides and more against NUTS is ``benchmarks/quality/stochastic_volatility.py``.
 """
 
-from __future__ import annotations
-
-import json
-import math
-from collections.abc import Sequence
+import argparse
 from pathlib import Path
 
 import matplotlib
@@ -40,275 +22,99 @@ import matplotlib.pyplot as plt
 import pyro
 import pyro.distributions as dist
 import torch
-from _common import (
-    PRIOR_STRUCTURED,
-    Chains,
-    chosen,
-    comparison_guides,
-    fit_columns,
-    guide_draws,
-    parse_study_args,
-    plot_elbo_traces,
-    posterior_error,
-    print_table,
-    resampled_columns,
-    run_nuts,
-    save_figure,
-    seed_everything,
-    write_reference,
-)
-from pyro import poutine
-from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
-from pyro.infer.autoguide.initialization import init_to_median
-from pyro.infer.reparam import NeuTraReparam
+from pyro.infer import Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 import pyro_arflow as af
-
-TRUE_PERSISTENCE, TRUE_MEAN, TRUE_SHOCK, DATA_SEED = 0.95, -1.0, 0.25, 20261125
-REFERENCE_LENGTH = 200
-REFERENCE = Path(__file__).parent / "data" / "sv_nuts_reference.json"
-GLOBALS = ("persistence", "mean", "shock")
 
 
 def model(returns: torch.Tensor) -> None:
     persistence = pyro.sample("persistence", dist.Uniform(-1.0, 1.0))
     mean = pyro.sample("mean", dist.Normal(-1.0, 2.0))
     shock = pyro.sample("shock", dist.HalfNormal(0.5))
-    log_vol = pyro.sample("log_vol", ar1_path(mean, persistence, shock, len(returns)))
+    path = af.GaussianPath(
+        lambda h, t: (mean + persistence * (h - mean), shock),  # transition(h_prev, t)
+        dist.Normal(mean, shock / torch.sqrt(1 - persistence**2)),  # the first state
+        len(returns),
+    )
+    log_vol = pyro.sample("log_vol", path)
     pyro.sample("returns", dist.Normal(0.0, torch.exp(log_vol / 2)).to_event(1), obs=returns)
 
 
-def ar1_path(mean, persistence, shock, length: int) -> af.GaussianPath:
-    """The stationary AR(1) prior of the log-volatility path."""
-    return af.GaussianPath(
-        lambda h, t: (mean + persistence * (h - mean), shock),
-        dist.Normal(mean, shock / torch.sqrt(1 - persistence**2)),
-        length,
-    )
+def simulate(length: int = 200, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(true log-volatility, returns) from persistence 0.95, mean -1, shock 0.25."""
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.empty(length)
+    h[0] = -1.0 + 0.25 / (1 - 0.95**2) ** 0.5 * torch.randn(1, generator=generator)
+    for t in range(1, length):
+        h[t] = -1.0 + 0.95 * (h[t - 1] + 1.0) + 0.25 * torch.randn(1, generator=generator)
+    return h, torch.exp(h / 2) * torch.randn(length, generator=generator)
 
 
-def non_centered_model(returns: torch.Tensor) -> None:
-    """The same joint distribution, the path written through its standardized innovations:
-    the same posterior, in a geometry NUTS explores far faster (the reference sampler)."""
-    persistence = pyro.sample("persistence", dist.Uniform(-1.0, 1.0))
-    mean = pyro.sample("mean", dist.Normal(-1.0, 2.0))
-    shock = pyro.sample("shock", dist.HalfNormal(0.5))
-    innovations = pyro.sample(
-        "innovations", dist.Normal(torch.zeros(len(returns)), 1.0).to_event(1)
-    )
-    log_vol = path_from_innovations(mean, persistence, shock, innovations)
-    pyro.sample("returns", dist.Normal(0.0, torch.exp(log_vol / 2)).to_event(1), obs=returns)
+GUIDES = {
+    "AutoNormal": AutoNormal,
+    "AutoMultivariateNormal": AutoMultivariateNormal,
+    "AutoARFlow": af.AutoARFlow,
+}
 
 
-def path_from_innovations(mean, persistence, shock, innovations) -> torch.Tensor:
-    """The stationary AR(1) path whose standardized innovations are ``innovations``:
-
-        h_t - mean = sum_{k <= t} persistence^(t - k) s_k e_k,
-        s_1 = shock / sqrt(1 - persistence^2), s_k = shock (k > 1),
-
-    one triangular matrix product (no loop over t, which NUTS differentiates many times).
-    """
-    mean, persistence, shock = (p.unsqueeze(-1) for p in (mean, persistence, shock))
-    time = torch.arange(innovations.shape[-1])
-    lag = (time[:, None] - time[None, :]).clamp(min=0).to(innovations.dtype)
-    powers = persistence.unsqueeze(-1) ** lag * (time[:, None] >= time[None, :])
-    first = shock / torch.sqrt(1 - persistence**2)
-    shocks = torch.where(time == 0, first, shock) * innovations
-    return mean + (powers @ shocks.unsqueeze(-1)).squeeze(-1)
-
-
-def simulate(length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The true log-volatility path and ``length`` returns, from the fixed data seed."""
-    with torch.random.fork_rng():
-        torch.manual_seed(DATA_SEED)
-        truth = ar1_path(
-            torch.tensor(TRUE_MEAN), torch.tensor(TRUE_PERSISTENCE), TRUE_SHOCK, length
-        )
-        log_vol = truth.sample()
-        returns = torch.exp(log_vol / 2) * torch.randn(length)
-    return log_vol, returns
-
-
-def guides_for(length: int) -> dict:
-    if length <= 500:
-        return comparison_guides(model)
-    return {
-        "AutoNormal": lambda: AutoNormal(model, init_loc_fn=init_to_median),
-        "AutoLowRankMVN (rank 10)": lambda: AutoLowRankMultivariateNormal(
-            model, init_loc_fn=init_to_median, rank=10
-        ),
-        "AutoARFlow('iaf-lstm', flat)": lambda: af.AutoARFlow(
-            model, flow="iaf-lstm", hidden_size=32, init_loc_fn=init_to_median, paths="flat"
-        ),
-        PRIOR_STRUCTURED: lambda: af.AutoARFlow(model, init_loc_fn=init_to_median),
-    }
-
-
-GUIDES = guides_for(REFERENCE_LENGTH)
-
-
-def regenerate_reference(seed: int, chains: int = 2, warmup: int = 1000, draws: int = 2000):
-    _, returns = simulate(REFERENCE_LENGTH)
-    run = run_nuts(non_centered_model, (returns,), chains, warmup, draws, seed, target_accept=0.95)
-    innovations = run.draws.pop("innovations")
-    run.draws["log_vol"] = path_from_innovations(
-        run.draws["mean"], run.draws["persistence"], run.draws["shock"], innovations
-    )
-    write_reference(REFERENCE, run)
-
-
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_study_args(
-        __doc__.splitlines()[0],
-        default_steps=15000,
-        argv=argv,
-        flags={"--no-mcmc": "skip the plain and NeuTra NUTS rows"},
-        options={
-            "--length": (REFERENCE_LENGTH, "number of returns T"),
-            "--mcmc-draws": (300, "NUTS draws per chain (after as many warm-up steps)"),
-        },
-    )
-    if args.regenerate_reference:
-        regenerate_reference(args.seed)
-        return []
-    true_log_vol, returns = simulate(args.length)
-    reference = json.loads(REFERENCE.read_text()) if args.length == REFERENCE_LENGTH else None
-    rows, bands, fits, guides = [], {}, {}, {}
-    for name, make_guide in chosen(guides_for(args.length), args.guides).items():
-        seed_everything(args.seed)
-        guide = guides[name] = make_guide()
-        fit = fits[name] = af.fit(model, guide, returns, max_steps=args.steps, progress=False)
-        if fit.diverged:  # nothing to score: the row says so
-            rows.append({"guide": name, **fit_columns(fit, model, guide, (returns,), args.draws)})
-            continue
-        draws = guide_draws(model, guide, (returns,), args.draws, ["log_vol", *GLOBALS])
-        bands[name] = torch.quantile(draws["log_vol"], torch.tensor([0.05, 0.5, 0.95]), dim=0)
-        rows.append(
-            {
-                "guide": name,
-                **fit_columns(fit, model, guide, (returns,), args.draws),
-                **scores(draws, reference, true_log_vol, bands[name]),
-                **(
-                    resampled_columns(model, guide, (returns,), args.draws, reference, GLOBALS)
-                    if reference is not None
-                    else {}
-                ),
-            }
-        )
-    print_table(
-        f"Stochastic volatility, T={args.length}, guides trained until flat (at most "
-        f"{args.steps} steps, seed {args.seed})",
-        rows,
-        args.out,
-        "stochastic_volatility",
-    )
-    # bands holds the guides that did not diverge: NeuTra needs a trained one
-    if reference is not None and not args.no_mcmc and "AutoARFlow('iaf', flat)" in bands:
-        samplers = compare_samplers(
-            guides["AutoARFlow('iaf', flat)"], returns, reference, true_log_vol, args
-        )
-        print_table(
-            f"NUTS on the centered model, 2 chains x {args.mcmc_draws} draws after as many "
-            "warm-up steps: plain, and preconditioned by the trained masked IAF guide",
-            samplers,
-            args.out,
-            "stochastic_volatility_nuts",
-        )
-        rows += samplers
-    plot(true_log_vol, returns, bands, fits, args.out / "stochastic_volatility.png")
-    return rows
-
-
-def scores(draws, reference, true_log_vol, band) -> dict[str, float]:
-    """Against NUTS (when there is a reference) and against the simulated path."""
-    low, _, high = band
-    against_truth = {
-        "90% band coverage": ((true_log_vol >= low) & (true_log_vol <= high)).float().mean().item(),
-        "path RMSE": math.sqrt(((draws["log_vol"].mean(0) - true_log_vol) ** 2).mean().item()),
-    }
-    if reference is None:
-        return against_truth
-    error, log_sd = posterior_error(draws, reference, ["log_vol", *GLOBALS])
-    globals_error, globals_log_sd = posterior_error(draws, reference, GLOBALS)
-    return {
-        "mean err (sd)": error,
-        "log-sd err": log_sd,
-        "globals mean err (sd)": globals_error,
-        "globals log-sd err": globals_log_sd,
-        **against_truth,
-    }
-
-
-def compare_samplers(guide, returns, reference, true_log_vol, args) -> list[dict]:
-    """Plain NUTS and NeuTra-NUTS on the centered model: ESS per second, divergences, R-hat."""
-    guide.requires_grad_(False)  # NUTS needs gradients in the latent only
-    neutra = NeuTraReparam(guide)
-    # Each at the target acceptance that suits it (README): plain NUTS at 0.9 had no
-    # divergences and at 0.95 ran 3x slower per effective draw; NeuTra at 0.9 diverged 4
-    # times in 1000 draws (an older guide 258 times at Pyro's default 0.8), at 0.95 not once.
-    samplers = {
-        "NUTS (centered)": (model, lambda draws: draws, 0.9),
-        "NeuTra-NUTS (iaf guide)": (
-            poutine.reparam(model, config=lambda _: neutra),
-            lambda draws: neutra.transform_sample(next(iter(draws.values()))),
-            0.95,
-        ),
-    }
-    rows = []
-    for name, (sampled_model, to_sites, target_accept) in samplers.items():
-        run = run_nuts(
-            sampled_model,
-            (returns,),
-            2,
-            args.mcmc_draws,
-            args.mcmc_draws,
-            args.seed,
-            target_accept,
-        )
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="training budget per guide")
+    parser.add_argument("--steps", type=int, default=30000, help="most steps per guide")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for table, plot")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    true_log_vol, returns = simulate()
+    rows, bands = [], {}
+    for name, guide_class in GUIDES.items():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = guide_class(model)
+        result = af.fit(model, guide, returns, max_steps=args.steps, max_seconds=args.seconds)
         with torch.no_grad():
-            sites = to_sites({k: v.flatten(0, 1) for k, v in run.draws.items()})
-        per_chain = {s: sites[s].unflatten(0, (2, -1)) for s in ("log_vol", *GLOBALS)}
-        summary = Chains(per_chain, run.seconds, run.divergences, run.settings).summary()
-        draws = {s: v.flatten(0, 1) for s, v in per_chain.items()}
-        band = torch.quantile(draws["log_vol"], torch.tensor([0.05, 0.5, 0.95]), dim=0)
+            posterior = Predictive(model, guide=guide, num_samples=1000, parallel=True)(returns)
+            elbo = -Trace_ELBO(num_particles=200, vectorize_particles=True).loss(
+                model, guide, returns
+            )
+        draws, persistence = posterior["log_vol"].squeeze(1), posterior["persistence"]
+        low, high = draws.quantile(torch.tensor([0.05, 0.95]), dim=0)
+        bands[name] = (low, draws.mean(0), high)
+        covered = (true_log_vol > low) & (true_log_vol < high)
         rows.append(
             {
                 "guide": name,
-                "target acceptance": target_accept,
-                "seconds": run.seconds,
-                "min ESS / s": min(s["min_ess"] for s in summary.values()) / run.seconds,
-                "divergences": run.divergences,
-                "max R-hat": max(s["max_rhat"] for s in summary.values()),
-                **scores(draws, reference, true_log_vol, band),
+                "status": result.status,
+                "steps": result.steps,
+                "ELBO": f"{elbo:.1f}",
+                "k-hat": f"{af.psis_khat(model, guide, returns, num_particles=1000):.2f}",
+                "path RMSE": f"{(draws.mean(0) - true_log_vol).pow(2).mean().sqrt():.3f}",
+                "90% coverage": f"{covered.float().mean():.2f}",
+                "persistence": f"{persistence.mean():.3f} ± {persistence.std():.3f}",
             }
         )
-    return rows
+    table = markdown(rows)
+    print(table)
+    (args.out / "stochastic_volatility.md").write_text(table + "\n")
+    plot(true_log_vol, bands, args.out / "stochastic_volatility.png")
 
 
-def plot(true_log_vol, returns, bands, fits, path) -> None:
-    time = torch.arange(len(returns)).numpy()
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row.values())) + " |" for row in rows])
 
-    def volatility(log_vol: torch.Tensor):
-        return torch.exp(log_vol / 2).numpy()
 
-    figure, axes = plt.subplots(len(bands) + 2, 1, figsize=(10, 2.2 * (len(bands) + 2)))
-    plot_elbo_traces(axes[0], fits)
-    axes[1].plot(time, returns.numpy(), color="0.4", linewidth=0.8)
-    axes[1].set_ylabel("return")
-    axes[1].set_title("Simulated returns and each guide's 90% volatility band against the truth")
-    for axis, (name, (low, median, high)) in zip(axes[2:], bands.items(), strict=True):
-        axis.fill_between(time, volatility(low), volatility(high), alpha=0.35, label="90% band")
-        axis.plot(time, volatility(median), linewidth=1.0, label="median")
-        axis.plot(time, volatility(true_log_vol), color="black", linewidth=1.0, label="truth")
-        axis.set_ylabel("volatility")
-        axis.set_title(name, fontsize=9, loc="left")
-    axes[2].legend(loc="upper right", fontsize=8, ncol=3)
-    axes[-1].set_xlabel("t")
-    save_figure(figure, path)
+def plot(truth: torch.Tensor, bands: dict, path: Path) -> None:
+    figure, axes = plt.subplots(len(bands), 1, figsize=(9, 2.4 * len(bands)), sharex=True)
+    for axis, (name, (low, mean, high)) in zip(axes, bands.items(), strict=True):
+        axis.fill_between(range(len(truth)), low, high, alpha=0.3, label="90% band")
+        axis.plot(mean, label="posterior mean")
+        axis.plot(truth, "k", lw=0.8, label="true log-volatility")
+        axis.set_title(name, fontsize=10)
+    axes[0].legend(fontsize=8, ncol=3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
-    # These models are small: one torch thread steps them faster than two (the 2500-step
-    # LSTM guide: 27 steps per second against 13), and leaves a core to the next job.
-    torch.set_num_threads(1)
     main()

@@ -1,7 +1,8 @@
 """Gaussian autoregressive normalizing flows (IAF, MAF; MADE and LSTM conditioners) for Pyro."""
 
-from ._checks import flush_finite_checks
-from .conditioners import LSTMConditioner, MaskedConditioner
+from typing import Any
+
+from .conditioners import ConvConditioner, LSTMConditioner, MaskedConditioner
 from .diagnostics import ImportanceDraws, importance_resample, psis_khat, to_inference_data
 from .distributed import init_parameters
 from .distributions import GaussianAutoregressive
@@ -12,25 +13,25 @@ from .paths import GaussianPath
 from .priors import FlowPrior
 from .registry import available_flows, build_flow, get_flow, register_flow
 from .transforms import (
+    DEPRECATED_ALIASES,
     IAF,
     MAF,
-    ConditionalIAF,
-    ConditionalMAF,
     Permutation,
     conditional_iaf,
     conditional_maf,
+    deprecated_alias,
     iaf,
     maf,
 )
+from .validation import flush_finite_checks
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "IAF",
     "MAF",
     "AutoARFlow",
-    "ConditionalIAF",
-    "ConditionalMAF",
+    "ConvConditioner",
     "FitResult",
     "FlowPrior",
     "GaussianAutoregressive",
@@ -56,3 +57,10 @@ __all__ = [
     "register_flow",
     "to_inference_data",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Names of version 0.3 that still work for one release, with a ``FutureWarning``."""
+    if name in DEPRECATED_ALIASES:
+        return deprecated_alias(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -103,6 +103,13 @@ class ImportanceDraws:
         khat: the Pareto shape of the weights' tail; the draws can be trusted below 0.7.
         ess: the effective sample size of the smoothed weights (out of ``num_proposals``).
         log_weights: the smoothed, normalized log weights of the proposals.
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> draws = af.ImportanceDraws({"x": torch.zeros(3, 2)}, 0.4, 812.0, torch.zeros(10))
+        >>> draws.samples["x"].shape, draws.khat < 0.7
+        (torch.Size([3, 2]), True)
     """
 
     samples: dict[str, torch.Tensor]

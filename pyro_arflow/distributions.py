@@ -18,10 +18,10 @@ import torch
 from pyro.distributions import Normal, TorchDistribution, TransformedDistribution, constraints
 from torch import Size, Tensor
 
-from ._checks import check_finite
 from .conditioners import Conditioner
 from .scales import ScaleMap, make_scale_map
-from .transforms import MAF, ConditionalMAF, ConditionedAffineAutoregressive
+from .transforms import MAF
+from .validation import check_finite
 
 __all__ = ["GaussianAutoregressive"]
 
@@ -97,11 +97,9 @@ class GaussianAutoregressive(TorchDistribution):
         )
         return TransformedDistribution(base, [self._maf_layer()])
 
-    def _maf_layer(self) -> MAF | ConditionedAffineAutoregressive:
-        """A MAF layer sharing the conditioner (bound to the context, if any)."""
-        if self.context is None:
-            return MAF(self.conditioner, self.scale_map)
-        return ConditionalMAF(self.conditioner, self.scale_map).condition(self.context)
+    def _maf_layer(self) -> MAF:
+        """A MAF layer sharing the conditioner, bound to the context (if any)."""
+        return MAF(self.conditioner, self.scale_map, context=self.context)
 
     def expand(self, batch_shape: Size, _instance=None) -> GaussianAutoregressive:
         new = self._get_checked_instance(GaussianAutoregressive, _instance)

@@ -33,13 +33,14 @@ from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
-from ._checks import check_finite, check_positive_int
+from ._checks import check_positive_int
 from ._model_checks import argument_shapes, check_no_subsampled_latents, rng_state_kept
 from ._params import module_context, store_name, synced_child
 from .distributed import check_lazy_parameters_may_appear
 from .paths import GaussianPath, PathFlow
 from .registry import build_flow
 from .structured import PathResidual, SiteSlot, StructuredTransform, global_positions
+from .validation import check_finite
 
 __all__ = ["AutoARFlow"]
 
@@ -78,7 +79,7 @@ class AutoARFlow(AutoContinuous):
             reads the globals (0: linearly).
         flow_kwargs: passed to :func:`~pyro_arflow.build_flow` (``hidden_dims``: the masked
             flows default to one hidden layer of ``3 D + 1`` units, at least 64;
-            ``hidden_size``, ``permutation``, ...). They are checked at construction, on a
+            ``hidden_size``, ``orderings``, ...). They are checked at construction, on a
             two-dimensional stand-in of the flow; the flow itself is built at the guide's first
             call, when the size of the latent vector is known.
 

@@ -36,10 +36,9 @@ import torch
 from pyro.distributions import Independent, Normal, TorchDistribution, constraints
 from pyro.distributions import TransformedDistribution as PyroTransformedDistribution
 from torch import Size, Tensor
-from torch.distributions import Transform
 
 from ._checks import check_positive_int
-from .transforms import _LastPair
+from .cached import CachedTransform
 
 __all__ = ["GaussianPath", "PathCorrection", "PathFlow"]
 
@@ -255,7 +254,7 @@ class PathCorrection:
         return identity + self.lower.tril(-1)
 
 
-class PathFlow(_LastPair, Transform):
+class PathFlow(CachedTransform):
     r"""The path's flow, white noise :math:`z` to path :math:`x`, optionally corrected.
 
     ``_call`` draws (``T`` steps), ``_inverse`` scores (one pass); ``log_abs_det_jacobian``

@@ -8,9 +8,11 @@ factory that takes an ``ordering`` argument is handed each layer's order; betwee
 of one that does not, ``build_flow`` puts a fixed :class:`~pyro_arflow.Permutation`.
 
 Built-in names: ``"iaf"`` and ``"maf"`` (masked conditioner), ``"iaf-lstm"`` and
-``"maf-lstm"`` (LSTM conditioner). Each takes ``linear_autoregression``: follow every layer
-by a :class:`~pyro_arflow.LinearAutoregression`; on by default for ``"iaf"`` only, the one
-flow that cannot otherwise learn a Markov path's posterior quickly (measured in the README).
+``"maf-lstm"`` (LSTM conditioner), ``"iaf-conv"`` and ``"maf-conv"`` (causal dilated
+convolutions, whose size does not grow with the dimension). Each takes
+``linear_autoregression``: follow every layer by a :class:`~pyro_arflow.LinearAutoregression`;
+on by default for ``"iaf"`` only, the one flow that cannot otherwise learn a Markov path's
+posterior quickly (measured in the user guide).
 Other packages add flows through the ``pyro_arflow.flows`` entry-point group
 (``name = "package.module:factory"``), loaded the first time a name is looked up that is not
 registered yet; a plugin that fails to load gives a warning.
@@ -33,16 +35,11 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from torch.distributions import Transform
 
 from ._checks import check_keywords, check_positive_int
-from .conditioners import layer_orders, make_conditioner
+from .conditioners import make_conditioner
 from .linear import LinearAutoregression
+from .ordering import layer_orderings
 from .scales import ScaleMap
-from .transforms import (
-    IAF,
-    MAF,
-    ConditionalIAF,
-    ConditionalMAF,
-    Permutation,
-)
+from .transforms import IAF, MAF, Permutation
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -112,8 +109,8 @@ def available_flows() -> list[str]:
     Example::
 
         >>> import pyro_arflow as af
-        >>> [name for name in af.available_flows() if name.startswith("iaf")][:2]
-        ['iaf', 'iaf-lstm']
+        >>> [name for name in af.available_flows() if name.startswith("iaf")][:3]
+        ['iaf', 'iaf-conv', 'iaf-lstm']
     """
     if not _plugins_loaded:
         _load_plugins()
@@ -156,7 +153,7 @@ def build_flow(
     input_dim: int,
     num_flows: int = 2,
     context_dim: int | None = None,
-    permutation: str = "reversed",
+    orderings: str = "reversed",
     seed: int = 0,
     **kwargs: Any,
 ) -> ComposeTransformModule | ConditionalComposeTransformModule:
@@ -167,10 +164,11 @@ def build_flow(
         input_dim: size of the vectors the flow acts on.
         num_flows: number of layers.
         context_dim: size of a context vector; if given, the result is conditional.
-        permutation: how consecutive layers' orders differ: ``"reversed"`` (each layer the
-            reverse of the one before) or ``"random"`` (seeded by ``seed``). The orders are
-            buffers, so they survive ``state_dict``.
-        seed: seed of the random orders.
+        orderings: how consecutive layers' orderings differ: ``"reversed"`` (the first
+            natural, each next the reverse of the one before) or ``"random"`` (seeded by
+            ``seed``). They are buffers, so they survive ``state_dict``. (``permutation=``,
+            its name in version 0.3, still works for one release, with a warning.)
+        seed: seed of the random orderings.
         kwargs: passed to every layer's factory (``hidden_dims``, ``hidden_size``, ...).
 
     Every part caches the pair it last computed, so a flow scoring its own sample walks back
@@ -190,21 +188,29 @@ def build_flow(
     check_positive_int(num_flows, "num_flows")
     if context_dim is not None:
         check_positive_int(context_dim, "context_dim")
+    if "permutation" in kwargs:
+        warnings.warn(
+            "build_flow(permutation=...) is deprecated and will be removed in the next release: "
+            "use orderings=...",
+            FutureWarning,
+            stacklevel=2,
+        )
+        orderings = kwargs.pop("permutation")
     if "ordering" in kwargs:
         raise ValueError(
-            "build_flow gives every layer its own order; choose how they differ with "
-            "permutation='reversed' or 'random' (and seed), not ordering="
+            "build_flow gives every layer its own ordering; choose how they differ with "
+            "orderings='reversed' or 'random' (and seed), not ordering="
         )
     takes_ordering = "ordering" in inspect.signature(factory).parameters
     check_keywords(factory, kwargs, f"the flow {name!r}", skip=1)
     parts: list[Any] = []
-    orders = layer_orders(input_dim, num_flows, permutation, seed)
-    for index, order in enumerate(orders):
+    stack = layer_orderings(input_dim, num_flows, orderings, seed)
+    for index, ordering in enumerate(stack):
         if takes_ordering:
-            layer = factory(input_dim, context_dim=context_dim, ordering=order, **kwargs)
+            layer = factory(input_dim, context_dim=context_dim, ordering=ordering, **kwargs)
         else:
-            if index > 0:  # coordinates arrive in the previous order; rearrange them into this one
-                parts.append(Permutation(orders[index - 1].argsort()[order]))
+            if index > 0:  # values arrive in the previous ordering; rearrange them into this one
+                parts.append(Permutation(stack[index - 1].argsort()[ordering]))
             layer = factory(input_dim, context_dim=context_dim, **kwargs)
         parts.append(_checked_layer(layer, name, context_dim))
     if context_dim is None:
@@ -229,9 +235,7 @@ def _checked_layer(layer: Any, name: str, context_dim: int | None) -> Any:
     return layer
 
 
-def _builtin(
-    plain: type, conditional: type, conditioner: str, linear_default: bool = False
-) -> FlowFactory:
+def _builtin(layer_class: type, conditioner: str, linear_default: bool = False) -> FlowFactory:
     """The factory of one built-in layer kind with one conditioner.
 
     With ``linear_autoregression`` the layer is followed by a
@@ -249,13 +253,13 @@ def _builtin(
     ) -> Any:
         if "conditioner" in conditioner_kwargs:
             raise ValueError(
-                f"the flow {plain.__name__.lower()}'s conditioner is fixed ({conditioner}); pick "
-                f"the flow by name instead: {available_flows()}"
+                f"the flow {layer_class.__name__.lower()}'s conditioner is fixed "
+                f"({conditioner}); pick the flow by name instead: {available_flows()}"
             )
         network = make_conditioner(
             conditioner, input_dim, context_dim, ordering=ordering, **conditioner_kwargs
         )
-        layer = (plain if context_dim is None else conditional)(network, scale_map)
+        layer = layer_class(network, scale_map)
         if not linear_autoregression:
             return layer
         linear = LinearAutoregression(input_dim, ordering)
@@ -263,12 +267,14 @@ def _builtin(
             return ComposeTransformModule([layer, linear])
         return ConditionalComposeTransformModule([layer, linear])
 
-    extra = ", then a linear autoregression" if linear_default else ""
-    factory.__doc__ = f"One {plain.__name__} layer with the {conditioner} conditioner{extra}."
+    extra = ", then a LinearAutoregression" if linear_default else ""
+    factory.__doc__ = f"One {layer_class.__name__} layer with the {conditioner} conditioner{extra}."
     return factory
 
 
-register_flow("iaf", _builtin(IAF, ConditionalIAF, "masked", linear_default=True))
-register_flow("maf", _builtin(MAF, ConditionalMAF, "masked"))
-register_flow("iaf-lstm", _builtin(IAF, ConditionalIAF, "lstm"))
-register_flow("maf-lstm", _builtin(MAF, ConditionalMAF, "lstm"))
+register_flow("iaf", _builtin(IAF, "masked", linear_default=True))
+register_flow("maf", _builtin(MAF, "masked"))
+register_flow("iaf-lstm", _builtin(IAF, "lstm"))
+register_flow("maf-lstm", _builtin(MAF, "lstm"))
+register_flow("iaf-conv", _builtin(IAF, "conv"))
+register_flow("maf-conv", _builtin(MAF, "conv"))

@@ -40,8 +40,8 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import Transform, biject_to, constraints
 
+from .cached import CachedTransform
 from .paths import GaussianPath, PathCorrection, PathFlow
-from .transforms import _LastPair
 
 __all__ = ["PathResidual", "SiteSlot", "StructuredTransform", "global_positions"]
 
@@ -215,7 +215,7 @@ class _RunWithGuideValues(Messenger):
             raise _LatentsDone
 
 
-class StructuredTransform(_LastPair, Transform):
+class StructuredTransform(CachedTransform):
     r"""White noise :math:`z` to the whole unconstrained latent vector: the globals by their
     flow, each path by its prior's corrected flow (module docstring). Bound to one call's
     model arguments.

@@ -10,26 +10,28 @@ A layer maps its input :math:`x` (base side) to its output :math:`y` (target sid
 where :math:`(\mu_i, \sigma_i)` come from a conditioner reading the entries before :math:`i`
 (in the conditioner's order) of one of the two vectors:
 
-========  ==============  ==========================  ==========================
-layer     network reads   :math:`x \to y` (``_call``)  :math:`y \to x` (``_inverse``)
-========  ==============  ==========================  ==========================
-IAF       :math:`x`       one pass                     sequential solve
-MAF       :math:`y`       sequential solve             one pass
-========  ==============  ==========================  ==========================
+========  ==============  ============================  ===============================
+layer     network reads   :math:`x \to y` (``_call``)   :math:`y \to x` (``_inverse``)
+========  ==============  ============================  ===============================
+IAF       :math:`x`       one pass                      sequential solve
+MAF       :math:`y`       sequential solve              one pass
+========  ==============  ============================  ===============================
 
 IAF: Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow",
 https://arxiv.org/abs/1606.04934. MAF: Papamakarios et al. 2017, "Masked Autoregressive Flow
 for Density Estimation", https://arxiv.org/abs/1705.07057.
 
-Every transform here computes a value together with its log-determinant and keeps one cache,
-the last ``(x, y, log|det dy/dx|)`` it computed: ``log_abs_det_jacobian`` on that pair costs
-nothing, and with ``cache_size=1`` (the default) the pair also answers ``t(x)`` and
-``t.inv(y)``. The cache is dropped by pickling and ``copy.deepcopy``.
+One class serves both plain and conditional layers: a layer whose conditioner reads a context
+(built with ``context_dim``) is a ``ConditionalTransformModule`` too, and
+``layer.condition(context)`` returns the same kind of layer bound to that context, sharing its
+parameters (Pyro's convention); for a layer without context it returns the layer itself. Every
+layer is a :class:`~pyro_arflow.cached.CachedTransform`: it computes its value and
+log-determinant together and keeps the last pair.
 """
 
 from __future__ import annotations
 
-import weakref
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,19 +41,16 @@ from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
-from torch.distributions import Transform
 
-from ._checks import check_finite
-from .conditioners import Conditioner, make_conditioner, resolve_order
+from .cached import CachedTransform
+from .conditioners import Conditioner, make_conditioner
+from .ordering import resolve_ordering
 from .scales import ScaleMap, make_scale_map
+from .validation import check_finite, non_finite_message
 
 __all__ = [
     "AffineAutoregressive",
     "AffineSolve",
-    "ConditionalAffineAutoregressive",
-    "ConditionalIAF",
-    "ConditionalMAF",
-    "ConditionedAffineAutoregressive",
     "IAF",
     "MAF",
     "Permutation",
@@ -60,58 +59,6 @@ __all__ = [
     "iaf",
     "maf",
 ]
-
-
-class _LastPair:
-    """Mixin for a ``Transform``: value and log-determinant computed together, one cache.
-
-    Subclasses implement ``_call_with_log_det(x) -> (y, log_det)``, ``_inverse_with_log_det(y)
-    -> (x, log_det)`` and ``_log_det(x, y)``, where ``log_det`` is always that of ``x -> y``.
-    """
-
-    _last: tuple[Tensor, Tensor, Tensor] | None = None
-
-    def __call__(self, x: Tensor) -> Tensor:
-        last = self._last
-        if self._cache_size and last is not None and last[0] is x:  # type: ignore[attr-defined]
-            return last[1]
-        y, log_det = self._call_with_log_det(x)
-        self._last = (x, y, log_det)
-        return y
-
-    def _inv_call(self, y: Tensor) -> Tensor:
-        last = self._last
-        if self._cache_size and last is not None and last[1] is y:  # type: ignore[attr-defined]
-            return last[0]
-        x, log_det = self._inverse_with_log_det(y)
-        self._last = (x, y, log_det)
-        return x
-
-    def _call(self, x: Tensor) -> Tensor:
-        return self._call_with_log_det(x)[0]
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self._inverse_with_log_det(y)[0]
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        last = self._last
-        if last is not None and last[0] is x and last[1] is y:
-            return last[2]
-        return self._log_det(x, y)
-
-    def _call_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def _inverse_with_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def _log_det(self, x: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
-        state.pop("_last", None)
-        return state
 
 
 @dataclass(frozen=True)
@@ -128,10 +75,19 @@ class AffineSolve:
         return torch.addcmul(loc, scale, w) if self.forward else (w - loc) / scale
 
 
-class _AffineArithmetic(_LastPair):
-    r"""The map :math:`y = \mu + \sigma x` and its inverse, shared by every layer class.
+class AffineAutoregressive(CachedTransform, TransformModule, ConditionalTransformModule):
+    r"""A Gaussian autoregressive layer :math:`y = \mu + \sigma x`; see :class:`IAF`, :class:`MAF`.
 
-    Concrete classes set ``conditioner``, ``scale_map``, ``reads_output`` and ``context``.
+    Arguments:
+        conditioner: the network computing ``(loc, raw_scale)``; built with ``context_dim``,
+            it makes the layer conditional.
+        scale_map: ``"softplus"``, ``"exp"``, ``"sigmoid"`` or a :class:`ScaleMap`.
+        cache_size: 0 or 1, as for any ``torch.distributions.Transform``.
+        context: the context a conditional layer is bound to; usually set by
+            :meth:`condition`, not by hand.
+
+    Subclasses set ``reads_output``: whether the network reads the layer's output (MAF) or
+    its input (IAF).
     """
 
     domain = constraints.real_vector
@@ -140,10 +96,39 @@ class _AffineArithmetic(_LastPair):
     sign = +1
     autoregressive = True
 
-    conditioner: Conditioner
-    scale_map: ScaleMap
     reads_output: bool
-    context: Tensor | None
+
+    def __init__(
+        self,
+        conditioner: Conditioner,
+        scale_map: str | ScaleMap = "softplus",
+        cache_size: int = 1,
+        context: Tensor | None = None,
+    ) -> None:
+        super().__init__(cache_size=cache_size)
+        if context is not None and conditioner.context_dim is None:
+            raise ValueError(
+                f"{type(self).__name__} got a context, but its conditioner takes none (build it "
+                "with context_dim)"
+            )
+        self.conditioner = conditioner
+        self.scale_map = make_scale_map(scale_map)
+        self.context = context
+
+    def condition(self, context: Tensor) -> AffineAutoregressive:
+        """This layer bound to ``context``: the same class, sharing the conditioner (so its
+        parameters); the layer itself if it takes no context."""
+        if self.conditioner.context_dim is None:
+            return self
+        return type(self)(self.conditioner, self.scale_map, self._cache_size, context)
+
+    @property
+    def input_dim(self) -> int:
+        return self.conditioner.input_dim
+
+    @property
+    def context_dim(self) -> int | None:
+        return self.conditioner.context_dim
 
     def _call_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform(x, forward=True)
@@ -153,7 +138,7 @@ class _AffineArithmetic(_LastPair):
 
     def _log_det(self, x: Tensor, y: Tensor) -> Tensor:
         value = y if self.reads_output else x
-        _, raw_scale = self.conditioner(value, self.context)
+        _, raw_scale = self.conditioner(value, self._bound_context())
         log_det = self.scale_map(raw_scale)[1].sum(-1)
         check_finite(log_det, self._non_finite_message(value, "log-determinant"))
         return log_det
@@ -166,93 +151,35 @@ class _AffineArithmetic(_LastPair):
         non-finite too, and the message then says which of them, or the parameters, or an
         overflow, was the cause.
         """
+        context = self._bound_context()
         if forward != self.reads_output:
-            loc, raw_scale = self.conditioner(value, self.context)
+            loc, raw_scale = self.conditioner(value, context)
             scale, log_scale = self.scale_map(raw_scale)
             result = torch.addcmul(loc, scale, value) if forward else (value - loc) / scale
             direction = "one-pass direction"
         else:
             solve = AffineSolve(self.scale_map, forward)
-            result, _, raw_scale = self.conditioner.recur(value, solve, self.context)
+            result, _, raw_scale = self.conditioner.recur(value, solve, context)
             log_scale = self.scale_map(raw_scale)[1]
             direction = "sequential direction"
         check_finite(result, self._non_finite_message(value, direction))
         return result, log_scale.sum(-1)
 
-    def _non_finite_message(self, value: Tensor, what: str) -> Callable[[], str]:
-        """The message of a non-finite result, built only if one occurs: the input, the
-        context, diverged parameters or an overflow. It holds weak references to the tensors,
-        since a deferred check on the GPU may build it a few calls later."""
-        inputs = [(weakref.ref(value), "input")]
-        if self.context is not None:
-            inputs.append((weakref.ref(self.context), "context"))
-        dtype = value.dtype
-        return lambda: self._diagnose(inputs, what, dtype)
-
-    def _diagnose(self, inputs: list[tuple[Any, str]], what: str, dtype: torch.dtype) -> str:
-        name = f"{type(self).__name__} layer (input_dim={self.conditioner.input_dim})"
-        gone = []
-        for reference, label in inputs:
-            given = reference()
-            if given is None:
-                gone.append(label)  # freed before a deferred (GPU) check could look at it
-            elif not bool(torch.isfinite(given).all()):
-                return f"the {name} got an {label} with non-finite entries (nan or inf)"
-        diverged = [
-            parameter_name
-            for parameter_name, parameter in self.conditioner.named_parameters()
-            if not bool(torch.isfinite(parameter).all())
-        ]
-        if diverged:
-            return (
-                f"the {name} has non-finite parameters ({', '.join(diverged)}): training has "
-                "diverged. Lower the learning rate or clip the gradients, e.g. "
-                "pyro.optim.ClippedAdam({'lr': 1e-3, 'clip_norm': 10.0})"
-            )
-        if gone:
-            return (
-                f"the {name} produced non-finite values in its {what}; its {' and '.join(gone)} "
-                "had been freed before the check could tell whether they were finite"
-            )
-        return (
-            f"the {name} produced non-finite values in its {what} from a finite input: they "
-            f"overflow {dtype}; use float64, or inputs of a smaller scale"
-        )
-
-
-class AffineAutoregressive(_AffineArithmetic, TransformModule):
-    """A Gaussian autoregressive layer with trainable conditioner; see :class:`IAF`, :class:`MAF`.
-
-    Arguments:
-        conditioner: the network computing ``(loc, raw_scale)``.
-        scale_map: ``"softplus"``, ``"exp"``, ``"sigmoid"`` or a :class:`ScaleMap`.
-        cache_size: 0 or 1, as for any ``torch.distributions.Transform``.
-    """
-
-    def __init__(
-        self,
-        conditioner: Conditioner,
-        scale_map: str | ScaleMap = "softplus",
-        cache_size: int = 1,
-    ) -> None:
-        super().__init__(cache_size=cache_size)
-        if conditioner.context_dim is not None:
+    def _bound_context(self) -> Tensor | None:
+        if self.context is None and self.conditioner.context_dim is not None:
             raise ValueError(
-                f"{type(self).__name__} needs a conditioner without context, got context_dim="
-                f"{conditioner.context_dim}; use the conditional layer instead"
+                f"this {type(self).__name__} layer reads a context of size "
+                f"{self.conditioner.context_dim}: use layer.condition(context)"
             )
-        self.conditioner = conditioner
-        self.scale_map = make_scale_map(scale_map)
-        self.context = None
+        return self.context
 
-    def with_cache(self, cache_size: int = 1) -> AffineAutoregressive:
-        if cache_size == self._cache_size:
-            return self
-        return type(self)(self.conditioner, self.scale_map, cache_size=cache_size)
+    def _non_finite_message(self, value: Tensor, what: str) -> Callable[[], str]:
+        name = f"{type(self).__name__} layer (input_dim={self.input_dim})"
+        inputs = {"input": value, "context": self.context}
+        return non_finite_message(name, self.conditioner, inputs, what)
 
-    @property
-    def input_dim(self) -> int:
-        return self.conditioner.input_dim
+    def extra_repr(self) -> str:
+        return "" if self.context is None else f"context shape={tuple(self.context.shape)}"
 
 
 class IAF(AffineAutoregressive):
@@ -294,99 +221,14 @@ class MAF(AffineAutoregressive):
     reads_output = True
 
 
-class ConditionedAffineAutoregressive(_AffineArithmetic, Transform):
-    """A conditional layer bound to one context: what ``ConditionalIAF/MAF.condition`` returns.
-
-    It holds no parameters of its own; they stay with the conditional module.
-    """
-
-    def __init__(
-        self,
-        conditioner: Conditioner,
-        scale_map: ScaleMap,
-        reads_output: bool,
-        context: Tensor,
-        cache_size: int = 1,
-    ) -> None:
-        super().__init__(cache_size=cache_size)
-        self.conditioner = conditioner
-        self.scale_map = scale_map
-        self.reads_output = reads_output
-        self.context = context
-
-    def with_cache(self, cache_size: int = 1) -> ConditionedAffineAutoregressive:
-        if cache_size == self._cache_size:
-            return self
-        return ConditionedAffineAutoregressive(
-            self.conditioner, self.scale_map, self.reads_output, self.context, cache_size
-        )
-
-
-class ConditionalAffineAutoregressive(ConditionalTransformModule):
-    """A Gaussian autoregressive layer whose conditioner also reads a context vector.
-
-    ``condition(context)`` returns the layer for that context, following Pyro's
-    ``ConditionalTransformModule`` convention.
-
-    Arguments:
-        conditioner: a network built with ``context_dim``.
-        scale_map: ``"softplus"``, ``"exp"``, ``"sigmoid"`` or a :class:`ScaleMap`.
-    """
-
-    reads_output: bool
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-    sign = +1
-
-    def __init__(self, conditioner: Conditioner, scale_map: str | ScaleMap = "softplus") -> None:
-        super().__init__()
-        if conditioner.context_dim is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a conditioner built with context_dim, got None"
-            )
-        self.conditioner = conditioner
-        self.scale_map = make_scale_map(scale_map)
-
-    def condition(self, context: Tensor) -> ConditionedAffineAutoregressive:
-        return ConditionedAffineAutoregressive(
-            self.conditioner, self.scale_map, self.reads_output, context
-        )
-
-    @property
-    def input_dim(self) -> int:
-        return self.conditioner.input_dim
-
-    @property
-    def context_dim(self) -> int:
-        return self.conditioner.context_dim  # type: ignore[return-value]
-
-
-class ConditionalIAF(ConditionalAffineAutoregressive):
-    r"""IAF whose :math:`(\mu_i, \sigma_i)` also read a context :math:`c`: amortized guides.
-
-    Built by :func:`conditional_iaf` (whose example shows one in use).
-    """
-
-    reads_output = False
-
-
-class ConditionalMAF(ConditionalAffineAutoregressive):
-    r"""MAF whose :math:`(\mu_i, \sigma_i)` also read a context :math:`c`: conditional priors.
-
-    Built by :func:`conditional_maf` (whose example shows one in use).
-    """
-
-    reads_output = True
-
-
-class Permutation(_LastPair, TransformModule):
+class Permutation(CachedTransform, TransformModule):
     r"""Reorders the last dimension: ``y = x[..., permutation]``; volume preserving.
 
     Its ``sign``, the sign of :math:`\det \partial y / \partial x`, is the permutation's
     parity. The permutation is a buffer, so it follows ``.to()`` and survives ``state_dict``.
     The built-in flows never need it (each layer takes its own order); ``build_flow`` puts it
-    between the layers of a registered flow that takes no ``ordering``.
+    between the layers of a registered flow that takes no ``ordering``. (It reorders values;
+    an ordering, :mod:`pyro_arflow.ordering`, is the order in which a layer visits positions.)
 
     Example::
 
@@ -406,7 +248,7 @@ class Permutation(_LastPair, TransformModule):
 
     def __init__(self, permutation: Tensor, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
-        permutation = resolve_order(len(permutation), permutation).to(torch.empty(0).device)
+        permutation = resolve_ordering(len(permutation), permutation)
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
@@ -430,11 +272,6 @@ class Permutation(_LastPair, TransformModule):
 
     def _log_det(self, x: Tensor, y: Tensor) -> Tensor:
         return x.new_zeros(x.shape[:-1])
-
-    def with_cache(self, cache_size: int = 1) -> Permutation:
-        if cache_size == self._cache_size:
-            return self
-        return Permutation(self.permutation, cache_size=cache_size)
 
 
 def iaf(
@@ -480,8 +317,8 @@ def conditional_iaf(
     conditioner: str = "masked",
     scale_map: str | ScaleMap = "softplus",
     **kwargs: Any,
-) -> ConditionalIAF:
-    """One conditional IAF layer reading a context of size ``context_dim``.
+) -> IAF:
+    """One IAF layer whose conditioner also reads a context of size ``context_dim``.
 
     Example::
 
@@ -492,9 +329,7 @@ def conditional_iaf(
         >>> torch.allclose(bound.inv(bound(x)), x, atol=1e-5)
         True
     """
-    return ConditionalIAF(
-        make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map
-    )
+    return IAF(make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map)
 
 
 def conditional_maf(
@@ -503,8 +338,8 @@ def conditional_maf(
     conditioner: str = "masked",
     scale_map: str | ScaleMap = "softplus",
     **kwargs: Any,
-) -> ConditionalMAF:
-    """One conditional MAF layer reading a context of size ``context_dim``.
+) -> MAF:
+    """One MAF layer whose conditioner also reads a context of size ``context_dim``.
 
     Example::
 
@@ -515,6 +350,32 @@ def conditional_maf(
         >>> prior.log_prob(torch.randn(2, 4)).shape
         torch.Size([2])
     """
-    return ConditionalMAF(
-        make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map
+    return MAF(make_conditioner(conditioner, input_dim, context_dim, **kwargs), scale_map)
+
+
+DEPRECATED_ALIASES: dict[str, type] = {
+    "ConditionalAffineAutoregressive": AffineAutoregressive,
+    "ConditionedAffineAutoregressive": AffineAutoregressive,
+    "ConditionalIAF": IAF,
+    "ConditionalMAF": MAF,
+}
+"""Class names of version 0.3, kept for one release: a layer's context is now optional."""
+
+
+def deprecated_alias(name: str) -> type:
+    """The class an old name stands for, with a ``FutureWarning`` saying what to use."""
+    target = DEPRECATED_ALIASES[name]
+    warnings.warn(
+        f"pyro_arflow.{name} is deprecated and will be removed in the next release: use "
+        f"{target.__name__}, whose conditioner takes an optional context (build it with "
+        "context_dim, then layer.condition(context))",
+        FutureWarning,
+        stacklevel=3,
     )
+    return target
+
+
+def __getattr__(name: str) -> Any:
+    if name in DEPRECATED_ALIASES:
+        return deprecated_alias(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,8 @@
-"""Shared builders: layers of every kind, moved away from the identity; the examples."""
+"""Shared builders: layers of every kind, moved away from the identity."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pyro
 import pytest
@@ -14,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import pyro_arflow as af
-from pyro_arflow import _checks
+from pyro_arflow import validation
 
 if os.environ.get("PYRO_ARFLOW_TEST_DEVICE"):  # e.g. cuda: the whole suite on that device
     torch.set_default_device(os.environ["PYRO_ARFLOW_TEST_DEVICE"])
@@ -67,26 +63,10 @@ def make_layer(
     return module, module.condition(context), context
 
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load_example(name: str) -> ModuleType:
-    """``examples/<name>.py`` as a module (its sibling ``_common`` importable meanwhile)."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # as an import would: dataclasses look themselves up
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
-
 @pytest.fixture(autouse=True)
 def fresh_pyro_state():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
-    _checks._DEFERRED.clear()  # a GPU test's deferred checks never reach the next test
+    validation._DEFERRED.clear()  # a GPU test's deferred checks never reach the next test

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONTEXT_DIM, perturb
 
+from conftest import CONTEXT_DIM, DEVICE, SMALL_NET, perturb
 from pyro_arflow.conditioners import (
+    ConvConditioner,
     LSTMConditioner,
     MaskedConditioner,
     MaskedLinear,
     lstm,
     make_conditioner,
 )
-from pyro_arflow.conditioners.base import resolve_order
+from pyro_arflow.ordering import resolve_ordering
 
 
 def push(loc, raw, z):
@@ -30,6 +31,8 @@ def push(loc, raw, z):
         ("masked", {"hidden_dims": [8], "ordering": "random", "seed": 4}),
         ("lstm", {"hidden_size": 8}),
         ("lstm", {"hidden_size": 8, "num_layers": 2, "ordering": "reversed"}),
+        ("conv", {"channels": 4, "num_layers": 2}),  # receptive field 4 < 6 positions
+        ("conv", {"channels": 4, "kernel_size": 3, "ordering": "random", "seed": 2}),
     ],
 )
 def test_recur_solves_what_forward_reads(name, kwargs, conditional):
@@ -54,7 +57,7 @@ def test_outputs_depend_only_on_earlier_positions():
         LSTMConditioner(5, 6, ordering=order),
     ):
         perturb(conditioner.double())
-        rank = conditioner.rank
+        rank = conditioner.inverse_ordering
         not_before = rank[None, :] >= rank[:, None]
         reach = torch.zeros(5, 5, dtype=torch.float64)
         for u in torch.randn(8, 5, dtype=torch.float64):
@@ -62,6 +65,44 @@ def test_outputs_depend_only_on_earlier_positions():
             assert torch.all(jac_loc[not_before] == 0) and torch.all(jac_raw[not_before] == 0)
             reach += jac_loc.abs() + jac_raw.abs()
         assert torch.all(reach[~not_before] > 0)  # every earlier position is read
+
+
+@pytest.mark.parametrize("kernel_size, num_layers", [(2, 2), (3, 2), (2, 3)])
+def test_conv_reads_exactly_its_receptive_field_before_each_position(kernel_size, num_layers):
+    """Output t depends on the R positions before it in the ordering, and on no other: a
+    Jacobian triangular in the ordering, banded by the receptive field."""
+    dim, ordering = 12, torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    conditioner = ConvConditioner(dim, 4, kernel_size, num_layers, ordering=ordering)
+    perturb(conditioner.double())
+    receptive = conditioner.receptive_field
+    assert receptive == 1 + (kernel_size - 1) * (2**num_layers - 1)
+    step = conditioner.inverse_ordering
+    lag = step[:, None] - step[None, :]  # lag[i, j]: how many steps j comes before i
+    read = (lag >= 1) & (lag <= receptive)
+    reach = torch.zeros(dim, dim, dtype=torch.float64)
+    for u in torch.randn(6, dim, dtype=torch.float64):
+        jac_loc, jac_raw = torch.autograd.functional.jacobian(conditioner, u)
+        assert torch.all(jac_loc[~read] == 0) and torch.all(jac_raw[~read] == 0)
+        reach += jac_loc.abs() + jac_raw.abs()
+    assert torch.all(reach[read] > 0)
+
+
+def test_conv_solve_is_the_d_pass_fixed_point_and_its_size_does_not_grow():
+    """The incremental solve, which reads only each step's receptive field, equals the
+    textbook fixed point of D full passes; the parameters are the same at any D."""
+    conditioner = perturb(ConvConditioner(40, 6, context_dim=CONTEXT_DIM)).double()
+    w = torch.randn(3, 40, dtype=torch.float64)
+    context = torch.randn(3, CONTEXT_DIM, dtype=torch.float64)
+    u = w
+    for _ in range(40):
+        u = push(*conditioner(u, context), w)
+    solved, _, _ = conditioner.recur(w, push, context)
+    torch.testing.assert_close(solved, u, atol=1e-12, rtol=0)
+    counts = {
+        dim: sum(p.numel() for p in ConvConditioner(dim, 6, context_dim=2).parameters())
+        for dim in (10, 1000, 100_000)
+    }
+    assert len(set(counts.values())) == 1, counts
 
 
 def test_lstm_runs_each_step_once_forward_and_one_cell_step_per_position_recurring(monkeypatch):
@@ -152,14 +193,15 @@ def test_activation_classes_run_in_place_with_the_same_values_and_gradients(acti
 
 
 def test_orderings():
-    assert resolve_order(4, "natural").tolist() == [0, 1, 2, 3]
-    assert resolve_order(4, "reversed").tolist() == [3, 2, 1, 0]
-    assert torch.equal(resolve_order(9, "random", seed=1), resolve_order(9, "random", seed=1))
-    assert not torch.equal(resolve_order(9, "random", seed=1), resolve_order(9, "random", seed=2))
+    assert resolve_ordering(4, "natural").tolist() == [0, 1, 2, 3]
+    assert resolve_ordering(4, "reversed").tolist() == [3, 2, 1, 0]
+    first, second = resolve_ordering(9, "random", seed=1), resolve_ordering(9, "random", seed=2)
+    assert torch.equal(first, resolve_ordering(9, "random", seed=1))
+    assert not torch.equal(first, second)
     with pytest.raises(ValueError, match=r"permutation of range\(3\), got \[0, 0, 2\]"):
-        resolve_order(3, [0, 0, 2])
+        resolve_ordering(3, [0, 0, 2])
     with pytest.raises(ValueError, match="unknown ordering 'sorted'"):
-        resolve_order(3, "sorted")
+        resolve_ordering(3, "sorted")
 
 
 def test_bad_arguments_raise_value_error():
@@ -215,7 +257,7 @@ def test_every_accepted_made_keeps_every_dependency(dim, ordering, hidden, skip)
         residual=hidden == "residual",
         skip_connections=skip,
     )
-    rank = conditioner.rank
+    rank = conditioner.inverse_ordering
     allowed = rank[None, :] < rank[:, None]  # loc_i may read x_j
     reach = structural_reach(conditioner)
     assert torch.equal(reach, allowed)
@@ -233,16 +275,16 @@ def test_made_layers_narrower_than_d_minus_1_are_rejected():
 
 def test_orderings_and_sizes_are_not_coerced():
     with pytest.raises(ValueError, match="1-D sequence of integers.*float"):
-        resolve_order(4, [0.0, 1.5, 2, 3])
+        resolve_ordering(4, [0.0, 1.5, 2, 3])
     with pytest.raises(ValueError, match="1-D sequence of integers, got 2-D"):
-        resolve_order(4, torch.tensor([[0, 1], [2, 3]]))
+        resolve_ordering(4, torch.tensor([[0, 1], [2, 3]]))
     with pytest.raises(ValueError, match="1-D sequence of integers.*bool"):
-        resolve_order(2, [True, False])
+        resolve_ordering(2, [True, False])
     with pytest.raises(ValueError, match="input_dim must be a positive int, got True"):
         MaskedConditioner(True)
     with pytest.raises(ValueError, match="hidden_size must be a positive int, got 8.0"):
         LSTMConditioner(3, hidden_size=8.0)
-    assert resolve_order(3, torch.tensor([2, 0, 1], dtype=torch.int32)).tolist() == [2, 0, 1]
+    assert resolve_ordering(3, torch.tensor([2, 0, 1], dtype=torch.int32)).tolist() == [2, 0, 1]
 
 
 def test_unknown_keywords_and_activations_fail_at_construction():
@@ -256,13 +298,29 @@ def test_unknown_keywords_and_activations_fail_at_construction():
         MaskedConditioner(3, activation="relu")
 
 
-def test_state_dict_holds_parameters_and_the_order_only():
+def test_state_dict_holds_parameters_and_the_ordering_only():
     conditioner = MaskedConditioner(50)  # default width 151
     state = conditioner.state_dict()
-    assert sorted(state) == ["hidden.0.affine", "order", "output.affine"]
+    assert sorted(state) == ["hidden.0.affine", "ordering", "output.affine"]
     parameter_bytes = sum(p.numel() * p.element_size() for p in conditioner.parameters())
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    assert state_bytes == parameter_bytes + 50 * 8  # plus the int64 order
+    assert state_bytes == parameter_bytes + 50 * 8  # plus the int64 ordering
+
+
+@pytest.mark.parametrize("name", ["masked", "lstm"])
+def test_a_state_dict_of_version_0_3_loads_with_its_ordering(name):
+    """0.3 saved the ordering under the key ``order``; such a checkpoint still loads, and the
+    masks follow it: the loaded network computes what the saved one did."""
+    saved = perturb(make_conditioner(name, 5, ordering="random", seed=3, **SMALL_NET[name]))
+    state = {key.replace("ordering", "order"): value for key, value in saved.state_dict().items()}
+    assert "order" in state
+    loaded = make_conditioner(name, 5, **SMALL_NET[name])
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded.ordering, saved.ordering)
+    assert torch.equal(loaded.inverse_ordering, torch.argsort(saved.ordering))
+    u = torch.randn(4, 5, device=DEVICE)
+    for mine, theirs in zip(loaded(u), saved(u), strict=True):
+        assert torch.equal(mine, theirs)
 
 
 @pytest.mark.parametrize("name", ["masked", "lstm"])

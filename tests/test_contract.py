@@ -14,13 +14,14 @@ import pickle
 
 import pytest
 import torch
-from conftest import CONTEXT_DIM, perturb
 
 import pyro_arflow as af
+from conftest import CONTEXT_DIM, perturb
 from pyro_arflow.scales import SCALE_MAPS
 
 DIM = 3
-BUILTIN = {"iaf", "maf", "iaf-lstm", "maf-lstm"}
+BUILTIN = {"iaf", "maf", "iaf-lstm", "maf-lstm", "iaf-conv", "maf-conv"}
+SMALL = {"lstm": {"hidden_size": 4}, "conv": {"channels": 4, "num_layers": 2}}
 CASES = [
     (name, scale_map, conditional)
     for name, conditional in itertools.product(af.available_flows(), [False, True])
@@ -38,7 +39,7 @@ def build(case, dtype=torch.float64, batch_shape=(4,)):
     name, scale_map, conditional = case
     kwargs = {}
     if name in BUILTIN:
-        kwargs = {"hidden_size": 4} if name.endswith("lstm") else {"hidden_dims": [8]}
+        kwargs = dict(SMALL.get(name.partition("-")[2], {"hidden_dims": [8]}))
         kwargs["scale_map"] = scale_map
     module = af.build_flow(
         name, DIM, num_flows=2, context_dim=CONTEXT_DIM if conditional else None, **kwargs

@@ -12,12 +12,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import CONDITIONERS, CONTEXT_DIM, LAYER_KINDS, make_layer, perturb
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
 import pyro_arflow as af
-from pyro_arflow._checks import flush_finite_checks
+from conftest import CONDITIONERS, CONTEXT_DIM, LAYER_KINDS, make_layer, perturb
+from pyro_arflow.validation import flush_finite_checks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

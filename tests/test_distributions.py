@@ -5,10 +5,10 @@ from __future__ import annotations
 import pyro
 import pytest
 import torch
-from conftest import CONDITIONERS, CONTEXT_DIM, SMALL_NET, perturb
 from torch.distributions import MultivariateNormal
 
 import pyro_arflow as af
+from conftest import CONDITIONERS, CONTEXT_DIM, SMALL_NET, perturb
 from pyro_arflow.conditioners import MaskedConditioner, make_conditioner
 from pyro_arflow.scales import SCALE_MAPS, make_scale_map
 

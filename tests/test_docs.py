@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 import subprocess
 import sys
@@ -23,10 +25,34 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
     assert (tmp_path / "api.html").exists()
 
 
+EXTENSION_MODULES = ["ordering", "cached", "validation", "conditioners.masks"]
+
+
+def public_names() -> list[tuple[str, object]]:
+    """(documented name, object) for ``af.__all__`` and the extension modules' ``__all__``."""
+    names = [(f"pyro_arflow.{name}", getattr(af, name)) for name in af.__all__]
+    for module_name in EXTENSION_MODULES:
+        module = importlib.import_module(f"pyro_arflow.{module_name}")
+        names += [(name, getattr(module, name)) for name in module.__all__]
+    return names
+
+
 def test_every_public_name_has_an_api_entry():
     reference = (DOCS / "api.rst").read_text()
-    missing = [name for name in af.__all__ if f"pyro_arflow.{name}" not in reference]
+    missing = [name for name, _ in public_names() if name.split(".")[-1] not in reference]
     assert not missing, missing
+
+
+def test_every_public_class_and_function_has_a_runnable_example():
+    """Each carries a ``>>>`` example (its own, or its module's for a module-level constant);
+    the doctests run them in the default test command."""
+    without = [
+        name
+        for name, value in public_names()
+        if (inspect.isclass(value) or inspect.isfunction(value))
+        and ">>>" not in (value.__doc__ or "")
+    ]
+    assert not without, without
 
 
 def test_no_private_name_in_the_readme_or_the_docs():

@@ -1,78 +1,88 @@
-"""Every example runs end to end at a few steps: a table row per guide and a plot."""
+"""Every example and quality benchmark runs end to end at a few steps, as a user runs it (a
+fresh interpreter): it writes its table, one row per guide or model, and its figure."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-import pyro
 import pytest
 import torch
 
-import pyro_arflow as af
-from conftest import EXAMPLES, load_example
+ROOT = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-
-@pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     torch.empty(0).device.type != "cpu", reason="the examples are CPU programs (plots, numpy)"
 )
+
+
+def run(script: str, *arguments: str, out: Path) -> None:
+    command = [sys.executable, str(ROOT / script), "--out", str(out), *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=out)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def table_rows(path: Path) -> list[str]:
+    """The first cell of every body row of a markdown table."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    return [line.split("|")[1].strip() for line in lines[2:]]
+
+
+def assert_figure(path: Path) -> None:
+    assert path.exists() and path.read_bytes()[:8] == PNG_SIGNATURE
+
+
 @pytest.mark.parametrize(
-    "name, rows_key, expected, options",
+    "name, arguments, rows",
     [
-        ("stochastic_volatility", "guide", "GUIDES", ["--mcmc-draws", "4", "--draws", "200"]),
-        ("local_level", "method", "GUIDES", ["--draws", "200"]),
-        ("vae_ar_prior", "model", "MODELS", []),
-        ("lorenz_bridge", "guide", "GUIDES", ["--draws", "200"]),
+        (
+            "stochastic_volatility",
+            ["--seconds", "2", "--steps", "30"],
+            ["AutoNormal", "AutoMultivariateNormal", "AutoARFlow"],
+        ),
+        ("local_level", ["--seconds", "2", "--steps", "30"], ["AutoNormal", "AutoARFlow"]),
+        ("vae_ar_prior", ["--steps", "15"], ["Gaussian VAE", "IAF posterior + MAF prior"]),
+        ("distributed_vae", ["--steps", "15"], ["1", "2"]),
     ],
 )
-def test_example_runs_and_reports(name, rows_key, expected, options, tmp_path):
-    example = load_example(name)
-    rows = example.main(["--steps", "15", "--seed", "1", "--out", str(tmp_path), *options])
-    names = [row[rows_key] for row in rows]
-    assert set(getattr(example, expected)) <= set(names)
-    assert len(names) == len(set(names))
-    table = "".join(path.read_text() for path in tmp_path.glob(f"{name}*.md"))
-    for row_name in names:
-        assert f"| {row_name}" in table
-    png = tmp_path / f"{name}.png"
-    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_example_writes_its_table_and_figure(name, arguments, rows, tmp_path):
+    run(f"examples/{name}.py", *arguments, out=tmp_path)
+    assert table_rows(tmp_path / f"{name}.md") == rows
+    assert_figure(tmp_path / f"{name}.png")
 
 
-@pytest.mark.skipif(
-    torch.empty(0).device.type != "cpu", reason="the examples are CPU programs (plots, numpy)"
+GAUSSIANS = ["AutoNormal", "AutoMultivariateNormal", "Pyro AutoIAFNormal"]
+FLOWS = ["AutoARFlow('iaf', flat)", "AutoARFlow('iaf-lstm', flat)"]
+PRIOR_STRUCTURED = "AutoARFlow (prior-structured)"
+
+
+@pytest.mark.parametrize(
+    "name, arguments, rows",
+    [
+        (
+            "stochastic_volatility",
+            ["--mcmc-draws", "4", "--draws", "200"],
+            [*GAUSSIANS, *FLOWS, PRIOR_STRUCTURED],
+        ),
+        ("local_level", ["--draws", "200"], [*GAUSSIANS, *FLOWS, PRIOR_STRUCTURED]),
+        (
+            "lorenz_bridge",
+            ["--draws", "200"],
+            [*GAUSSIANS, "Pyro AutoStructured (mvn)", "AutoARFlow(paths='flat')", PRIOR_STRUCTURED],
+        ),
+    ],
 )
-def test_distributed_example_compares_one_and_two_processes(tmp_path):
-    """Run as a user would (a fresh interpreter spawning its ranks), at a few steps."""
-    script = EXAMPLES / "distributed_vae.py"
-    arguments = ["--compare", "--steps", "15", "--seed", "1", "--out", str(tmp_path)]
-    subprocess.run([sys.executable, str(script), *arguments], check=True, capture_output=True)
-    table = (tmp_path / "distributed_vae.md").read_text()
-    assert "| 1         | gloo" in table and "| 2         | gloo" in table
-    png = tmp_path / "distributed_vae.png"
-    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "distributed_vae_2.pt").exists()  # rank 0's checkpoint
+def test_quality_benchmark_scores_every_guide_against_nuts(name, arguments, rows, tmp_path):
+    run(f"benchmarks/quality/{name}.py", "--steps", "15", "--seed", "1", *arguments, out=tmp_path)
+    assert set(rows) <= set(table_rows(tmp_path / f"quality_{name}.md"))
+    assert_figure(tmp_path / f"quality_{name}.png")
 
 
-@pytest.mark.skipif(
-    torch.empty(0).device.type != "cpu", reason="the examples are CPU programs (plots, numpy)"
-)
-def test_volatility_example_takes_a_long_path_with_the_guides_that_fit_there(tmp_path):
-    example = load_example("stochastic_volatility")
-    arguments = ["--length", "600", "--steps", "5", "--draws", "200", "--out", str(tmp_path)]
-    rows = example.main(arguments)
-    assert [row["guide"] for row in rows] == list(example.guides_for(600))
-    assert "AutoMultivariateNormal" not in example.guides_for(600)
-    assert all(0 <= row["90% band coverage"] <= 1 for row in rows)
-
-
-def test_nile_guides_start_at_the_observations_whatever_was_fitted_before():
-    """Pyro's AutoNormal trains its initial value in place; a guide built after one was fitted
-    must still start its level path at the data, not where that fit finished."""
-    example = load_example("local_level")
-    pyro.clear_param_store()
-    first = example.GUIDES["AutoNormal"]()
-    af.fit(example.model, first, example.FLOW, max_steps=20, progress=False)
-    pyro.clear_param_store()
-    after = example.GUIDES["AutoMultivariateNormal"]()
-    after(example.FLOW)
-    assert torch.equal(pyro.param("AutoMultivariateNormal.loc")[3:].detach(), example.FLOW)
+def test_volatility_benchmark_takes_a_long_path_with_the_guides_that_fit_there(tmp_path):
+    arguments = ["--length", "600", "--steps", "5", "--draws", "200", "--no-mcmc"]
+    run("benchmarks/quality/stochastic_volatility.py", *arguments, out=tmp_path)
+    rows = table_rows(tmp_path / "quality_stochastic_volatility.md")
+    assert "AutoNormal" in rows and "AutoARFlow (prior-structured)" in rows
+    assert "AutoMultivariateNormal" not in rows  # a 603 x 603 Cholesky factor is not offered

@@ -25,7 +25,7 @@ from pyro.optim import Adam, ClippedAdam
 import pyro_arflow as af
 from conftest import DEVICE
 from pyro_arflow import registry
-from pyro_arflow._checks import flush_finite_checks
+from pyro_arflow.validation import flush_finite_checks
 
 
 def fit(model, guide, steps, lr=0.01, final_lr_fraction=0.05, particles=16, *args):

@@ -10,11 +10,11 @@ import pickle
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import CONTEXT_DIM, DEVICE
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from torch.autograd.functional import jacobian
 
 import pyro_arflow as af
+from conftest import CONTEXT_DIM, DEVICE
 
 DIM = 5
 
@@ -31,7 +31,7 @@ def precision_of(layer: af.LinearAutoregression) -> torch.Tensor:
     """The precision of y = (I - B)^{-1} z, z ~ N(0, I), in the input's coordinates."""
     in_order = torch.eye(DIM, dtype=torch.float64) - layer.weight.detach().cpu().tril(-1)
     unit = torch.zeros(DIM, DIM, dtype=torch.float64)
-    unit[torch.arange(DIM), layer.order.cpu()] = 1.0  # rows: order position -> coordinate
+    unit[torch.arange(DIM), layer.ordering.cpu()] = 1.0  # rows: order position -> coordinate
     factor = in_order @ unit
     return factor.T @ factor
 
@@ -52,7 +52,7 @@ def test_jacobian_is_unit_triangular_in_the_order(ordering):
     layer = trained_layer(ordering)
     x = torch.randn(DIM, dtype=torch.float64)
     matrix = jacobian(layer, x)
-    in_order = matrix[layer.order][:, layer.order]
+    in_order = matrix[layer.ordering][:, layer.ordering]
     torch.testing.assert_close(in_order.triu(1), torch.zeros(DIM, DIM, dtype=torch.float64))
     torch.testing.assert_close(in_order.diagonal(), torch.ones(DIM, dtype=torch.float64))
     assert in_order.tril(-1).abs().sum() > 0.1  # it does mix
@@ -113,8 +113,8 @@ def test_the_iaf_flow_follows_each_layer_with_one_in_the_same_order():
     layers = [part for block in flow.parts for part in block.parts]
     kinds = [type(part).__name__ for part in layers]
     assert kinds == ["IAF", "LinearAutoregression"] * 2
-    assert torch.equal(layers[0].conditioner.order, layers[1].order)
-    assert torch.equal(layers[2].conditioner.order, layers[3].order)
+    assert torch.equal(layers[0].conditioner.ordering, layers[1].ordering)
+    assert torch.equal(layers[2].conditioner.ordering, layers[3].ordering)
     plain = af.build_flow("iaf", DIM, hidden_dims=[8], linear_autoregression=False)
     assert [type(part).__name__ for part in plain.parts] == ["IAF", "IAF"]
     lstm = af.build_flow("iaf-lstm", DIM, hidden_size=4)
@@ -131,3 +131,59 @@ def test_the_conditional_iaf_flow_keeps_its_linear_layers_and_inverts():
     bound = flow.condition(context)
     x = torch.randn(4, DIM)
     torch.testing.assert_close(bound.inv(bound(x).clone()), x, atol=1e-4, rtol=0)
+
+
+def as_dense(banded: af.LinearAutoregression) -> af.LinearAutoregression:
+    """The dense layer with the same B: banded ``weight[i, j]`` is ``B[i, i - (k - j)]``."""
+    dim, k = banded.input_dim, banded.bandwidth
+    dense = af.linear_autoregression(dim, banded.ordering).double()
+    with torch.no_grad():
+        dense.weight.zero_()
+        for i in range(dim):
+            for j in range(k):
+                if i - (k - j) >= 0:
+                    dense.weight[i, i - (k - j)] = banded.weight[i, j]
+    return dense
+
+
+@pytest.mark.parametrize(
+    "dim, bandwidth", [(1, 1), (5, 1), (5, 2), (64, 3), (150, 2), (200, 70)], ids=str
+)
+def test_a_banded_layer_is_the_dense_layer_with_a_banded_b(dim, bandwidth):
+    """Both directions agree with the dense layer's (whose are one triangular solve and one
+    product) across block boundaries (blocks of 64, or of k when k is larger); the inverse's
+    Jacobian, I - B, is unit triangular in the ordering, with only the band below the
+    diagonal, and the forward one is its inverse."""
+    layer = af.LinearAutoregression(dim, ordering="random", seed=2, bandwidth=bandwidth).double()
+    with torch.no_grad():
+        layer.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(dim))
+    assert layer.weight.shape == (dim, bandwidth)  # O(Dk) parameters
+    dense = as_dense(layer)
+    x = torch.randn(3, dim, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-10, rtol=0)
+    torch.testing.assert_close(layer.inv(x), dense.inv(x), atol=1e-10, rtol=0)
+    torch.testing.assert_close(layer.inv(layer(x)), x, atol=1e-10, rtol=0)
+    if dim <= 64:
+        inverse = jacobian(layer.inv, x[0])[layer.ordering][:, layer.ordering]
+        steps = torch.arange(dim)
+        lag = steps[:, None] - steps[None, :]
+        assert torch.all(inverse[(lag < 0) | (lag > bandwidth)] == 0)
+        torch.testing.assert_close(inverse.diagonal(), torch.ones(dim, dtype=torch.float64))
+        forward = jacobian(layer, x[0])[layer.ordering][:, layer.ordering]
+        torch.testing.assert_close(forward @ inverse, torch.eye(dim, dtype=torch.float64))
+
+
+def test_a_banded_layer_trains_its_band_and_round_trips():
+    layer = af.LinearAutoregression(30, bandwidth=2)
+    with torch.no_grad():
+        layer.weight.normal_(0.0, 0.3)
+    x = torch.randn(4, 30)
+    (layer(x) * torch.randn(4, 30)).sum().backward()
+    gradient = layer.weight.grad.abs()
+    assert gradient[2:].min() > 0 and gradient[1, 1] > 0  # every coefficient in the band
+    assert gradient[0].sum() == 0 and gradient[1, 0] == 0  # lags before the first position
+    clone = pickle.loads(pickle.dumps(layer))
+    assert clone.bandwidth == 2
+    torch.testing.assert_close(clone(x), layer(x))
+    with pytest.raises(ValueError, match="bandwidth must be a positive int, got 0"):
+        af.LinearAutoregression(5, bandwidth=0)

@@ -9,13 +9,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import DEVICE
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.reparam import NeuTraReparam
 from pyro.optim import ClippedAdam
 
 import pyro_arflow as af
+from conftest import DEVICE
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="MCMC runs on the CPU")
 

@@ -10,13 +10,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import perturb
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 from pyro.optim import Adam
 
 import pyro_arflow as af
+from conftest import perturb
 
 
 def change_of_variables_log_prob(prior, context, z):
@@ -77,8 +77,8 @@ def test_conditional_prior_trains_inside_a_model():
 
 
 def test_state_dict_round_trip_and_bad_context():
-    prior = perturb(af.FlowPrior(3, context_dim=2, hidden_dims=[8], permutation="random", seed=4))
-    clone = af.FlowPrior(3, context_dim=2, hidden_dims=[8], permutation="random", seed=5)
+    prior = perturb(af.FlowPrior(3, context_dim=2, hidden_dims=[8], orderings="random", seed=4))
+    clone = af.FlowPrior(3, context_dim=2, hidden_dims=[8], orderings="random", seed=5)
     clone.load_state_dict(prior.state_dict())
     context, z = torch.randn(2), torch.randn(3)
     assert torch.equal(clone(context).log_prob(z), prior(context).log_prob(z))

@@ -7,11 +7,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import perturb
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 
 import pyro_arflow as af
+from conftest import perturb
 from pyro_arflow import registry
 
 
@@ -34,7 +34,7 @@ def test_build_flow_gives_each_builtin_layer_its_own_order(name):
     assert isinstance(flow, ComposeTransformModule)
     layer = af.IAF if name.startswith("iaf") else af.MAF
     assert [type(part) for part in flow.parts] == [layer] * 3  # no permutations in between
-    orders = [part.conditioner.order.tolist() for part in flow.parts]
+    orders = [part.conditioner.ordering.tolist() for part in flow.parts]
     assert orders == [[0, 1, 2, 3], [3, 2, 1, 0], [0, 1, 2, 3]]
     assert flow.sign == 1
     conditional = af.build_flow(name, 4, num_flows=2, context_dim=3)  # with the default layers
@@ -45,11 +45,11 @@ def test_build_flow_gives_each_builtin_layer_its_own_order(name):
 
 
 def test_random_orders_are_buffers_that_survive_state_dict():
-    flow = perturb(af.build_flow("iaf", 6, num_flows=3, permutation="random", seed=1))
-    other = af.build_flow("iaf", 6, num_flows=3, permutation="random", seed=2)
-    assert not torch.equal(flow[1][0].conditioner.order, other[1][0].conditioner.order)
+    flow = perturb(af.build_flow("iaf", 6, num_flows=3, orderings="random", seed=1))
+    other = af.build_flow("iaf", 6, num_flows=3, orderings="random", seed=2)
+    assert not torch.equal(flow[1][0].conditioner.ordering, other[1][0].conditioner.ordering)
     state = flow.state_dict()
-    assert "1.0.conditioner.order" in state and "1.1.order" in state
+    assert "1.0.conditioner.ordering" in state and "1.1.ordering" in state
     assert not any("mask" in key for key in state)  # derived from the order, not stored
     other.load_state_dict(state)
     x = torch.randn(4, 6)
@@ -115,13 +115,13 @@ def test_entry_point_plugins_load_lazily_and_broken_ones_warn(
         factory = af.get_flow("reversed-iaf")
     layer = af.build_flow("reversed-iaf", 3, num_flows=1)[0]
     assert factory.__module__ == "fake_arflow_plugin"
-    assert layer.conditioner.order.tolist() == [2, 1, 0]
+    assert layer.conditioner.ordering.tolist() == [2, 1, 0]
     assert "reversed-iaf" in af.available_flows() and "broken-flow" not in af.available_flows()
 
 
 def test_bad_names_and_arguments_raise_value_error(isolated_registry):
     with pytest.raises(
-        ValueError, match=r"unknown flow 'nice'; available flows: \['iaf', 'iaf-lstm'"
+        ValueError, match=r"unknown flow 'nice'; available flows: \['iaf', 'iaf-conv', 'iaf-lstm'"
     ):
         af.get_flow("nice")
     with pytest.raises(ValueError, match="unknown flow"):
@@ -130,10 +130,8 @@ def test_bad_names_and_arguments_raise_value_error(isolated_registry):
         af.build_flow("iaf", 3, num_flows=0)
     with pytest.raises(ValueError, match="input_dim must be a positive int, got -2"):
         af.build_flow("iaf", -2)
-    with pytest.raises(
-        ValueError, match="permutation must be 'reversed' or 'random', got 'cyclic'"
-    ):
-        af.build_flow("iaf", 3, permutation="cyclic")
+    with pytest.raises(ValueError, match="orderings must be 'reversed' or 'random', got 'cyclic'"):
+        af.build_flow("iaf", 3, orderings="cyclic")
     with pytest.raises(ValueError, match="non-empty string"):
         af.register_flow("", lambda input_dim: None)
     with pytest.raises(ValueError, match="must be callable"):
@@ -145,7 +143,7 @@ def test_misconfigured_stacks_fail_at_construction(isolated_registry):
         af.build_flow("iaf", 3, conditioner="lstm")
     with pytest.raises(ValueError, match="no argument 'hidden_dim' \\(did you mean 'hidden_dims'"):
         af.build_flow("maf", 3, hidden_dim=[4])
-    with pytest.raises(ValueError, match="gives every layer its own order.*permutation="):
+    with pytest.raises(ValueError, match="gives every layer its own ordering.*orderings="):
         af.build_flow("iaf", 3, ordering="reversed")
     with pytest.raises(ValueError, match="context_dim must be a positive int, got 0"):
         af.build_flow("iaf", 3, context_dim=0)

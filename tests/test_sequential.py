@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONTEXT_DIM, perturb
 
 import pyro_arflow as af
+from conftest import CONTEXT_DIM, perturb
 from pyro_arflow import _graphs
 from pyro_arflow.conditioners import MaskedConditioner
 

@@ -11,13 +11,14 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import CONDITIONERS, CONTEXT_DIM, LAYER_KINDS, make_layer, perturb
+from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 from pyro.optim import Adam
 
 import pyro_arflow as af
-from pyro_arflow import _checks
-from pyro_arflow._checks import flush_finite_checks
+from conftest import CONDITIONERS, CONTEXT_DIM, LAYER_KINDS, make_layer, perturb
+from pyro_arflow import validation
+from pyro_arflow.validation import flush_finite_checks
 
 DIMS = [1, 2, 5, 17]
 BATCH_SHAPES = [(), (3,), (2, 4)]
@@ -81,7 +82,7 @@ def test_log_abs_det_matches_autograd_jacobian(combo, input_dim, batch_shape):
         transform.inv.log_abs_det_jacobian(y.clone(), x.clone()), -expected, atol=1e-8, rtol=0
     )
     # triangular in the layer's order: output i never depends on an input after it
-    rank = module.conditioner.rank
+    rank = module.conditioner.inverse_ordering
     later = rank[None, :] > rank[:, None]
     assert torch.all(jacobians[:, later] == 0)
 
@@ -95,7 +96,7 @@ def test_triangular_in_any_ordering(kind, conditioner, ordering):
     )
     x = torch.randn(32, 5, dtype=torch.float64)  # enough points that no ReLU path is dead on all
     jacobians = per_sample_jacobians(transform, x)
-    rank = module.conditioner.rank
+    rank = module.conditioner.inverse_ordering
     later = rank[None, :] > rank[:, None]
     assert torch.all(jacobians[:, later] == 0)
     assert torch.all(jacobians[:, ~later].abs().sum(0) > 0)  # and does depend on the earlier ones
@@ -166,6 +167,54 @@ def test_conditional_context_broadcasts_against_batch():
     torch.testing.assert_close(module.condition(context)(x), batched)
     # one x, several contexts: the output takes the context's batch shape
     assert module.condition(torch.randn(5, CONTEXT_DIM))(torch.randn(4)).shape == (5, 4)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_one_layer_class_whose_context_is_optional(kind):
+    """A layer built with a context is the same class; conditioning returns that class bound
+    to the context, sharing the parameters, and the bound layer computes what the network
+    says for that context. A layer without context conditions to itself."""
+    helper = af.conditional_iaf if kind == "iaf" else af.conditional_maf
+    layer_class = af.IAF if kind == "iaf" else af.MAF
+    layer = perturb(helper(4, CONTEXT_DIM, hidden_dims=[12]))
+    context, x = torch.randn(CONTEXT_DIM), torch.randn(6, 4)
+    bound = layer.condition(context)
+    assert type(layer) is type(bound) is layer_class
+    assert isinstance(layer, ConditionalTransformModule)
+    assert bound.conditioner is layer.conditioner
+    base = x if kind == "iaf" else bound.inv(x)  # y = x for a MAF: its network reads y
+    loc, raw = layer.conditioner(base if kind == "iaf" else x, context)
+    expected = loc + layer.scale_map(raw)[0] * base
+    torch.testing.assert_close(bound(x) if kind == "iaf" else x, expected)
+    plain = af.iaf(4) if kind == "iaf" else af.maf(4)
+    assert plain.condition(context) is plain
+    with pytest.raises(ValueError, match="reads a context of size 3: use layer.condition"):
+        layer(x)
+    with pytest.raises(ValueError, match="got a context, but its conditioner takes none"):
+        layer_class(plain.conditioner, context=context)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("ConditionalIAF", "IAF"),
+        ("ConditionalMAF", "MAF"),
+        ("ConditionalAffineAutoregressive", "AffineAutoregressive"),
+        ("ConditionedAffineAutoregressive", "AffineAutoregressive"),
+    ],
+)
+def test_names_of_version_0_3_still_work_and_warn(old, new):
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated.*use {new}"):
+        alias = getattr(af, old) if hasattr(af, new) else getattr(af.transforms, old)
+    assert alias is getattr(af.transforms, new)
+    conditioner = af.MaskedConditioner(3, hidden_dims=[4], context_dim=2)
+    if old.startswith("Conditional") and old != "ConditionalAffineAutoregressive":
+        with pytest.warns(FutureWarning):
+            layer = getattr(af, old)(conditioner)
+        assert isinstance(layer.condition(torch.randn(2)), alias)
+    with pytest.warns(FutureWarning, match="permutation=.*use orderings="):
+        flow = af.build_flow("maf", 3, num_flows=2, permutation="reversed")
+    assert flow.parts[1].conditioner.ordering.tolist() == [2, 1, 0]
 
 
 @pytest.mark.parametrize("elbo_class", [Trace_ELBO, JitTrace_ELBO])
@@ -297,7 +346,7 @@ def test_deferred_check_bookkeeping_on_a_stand_in_device():
         def synchronize(self):
             pass
 
-    checks = _checks._DeferredChecks(torch.device("cpu"), event=Landed, pin=False)
+    checks = validation._DeferredChecks(torch.device("cpu"), event=Landed, pin=False)
     value = torch.randn(4, 3, requires_grad=True)  # as a layer's output would be
     raised = []
     for call in range(100):

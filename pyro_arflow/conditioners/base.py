@@ -14,80 +14,19 @@ context vector. It offers the two directions a Gaussian autoregressive layer nee
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_context, check_event, check_positive_int
 from .._graphs import SolveGraphs
+from ..ordering import Ordering, register_ordering, resolve_ordering
 
-__all__ = ["Conditioner", "Ordering", "Solve", "layer_orders", "resolve_order"]
+__all__ = ["Conditioner", "Solve"]
 
 Solve = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``solve(loc, raw_scale, w) -> u``: recovers a position's value from its conditionals."""
-
-Ordering = str | Sequence[int] | Tensor
-ORDER_NAMES = ("natural", "reversed", "random")
-
-
-def resolve_order(input_dim: int, ordering: Ordering = "natural", seed: int = 0) -> Tensor:
-    """The permutation ``order`` with ``order[t]`` = the position processed ``t``-th.
-
-    Arguments:
-        input_dim: number of positions ``D``.
-        ordering: ``"natural"`` (0..D-1), ``"reversed"``, ``"random"`` (seeded), or an explicit
-            permutation of ``range(D)``: a 1-D sequence or tensor of integers.
-        seed: seed of the ``"random"`` ordering.
-    """
-    if isinstance(ordering, str):
-        if ordering == "natural":
-            return torch.arange(input_dim, device="cpu")
-        if ordering == "reversed":
-            return torch.arange(input_dim - 1, -1, -1, device="cpu")
-        if ordering == "random":
-            generator = torch.Generator().manual_seed(seed)
-            return torch.randperm(input_dim, generator=generator, device="cpu")
-        raise ValueError(
-            f"unknown ordering {ordering!r}; expected one of {ORDER_NAMES} "
-            "or a permutation of range(input_dim)"
-        )
-    given = (
-        ordering.cpu()
-        if isinstance(ordering, Tensor)
-        else torch.tensor(list(ordering), device="cpu")
-    )
-    if given.dim() != 1 or given.dtype in (torch.bool, torch.uint8) or given.is_floating_point():
-        raise ValueError(
-            f"an explicit ordering must be a 1-D sequence of integers, got {given.dim()}-D "
-            f"{given.dtype} {ordering!r}"
-        )
-    order = given.to(torch.long)
-    if not torch.equal(order.sort().values, torch.arange(input_dim, device="cpu")):
-        raise ValueError(
-            f"an explicit ordering must be a permutation of range({input_dim}), "
-            f"got {order.tolist()}"
-        )
-    return order.clone()
-
-
-def layer_orders(input_dim: int, num_layers: int, permutation: str, seed: int) -> list[Tensor]:
-    """The orders of ``num_layers`` stacked layers: the first natural, then each one either the
-    reverse of the one before (``"reversed"``) or a fresh seeded permutation (``"random"``)."""
-    if permutation not in ("reversed", "random"):
-        raise ValueError(f"permutation must be 'reversed' or 'random', got {permutation!r}")
-    generator = torch.Generator().manual_seed(seed)
-    orders = [torch.arange(input_dim, device="cpu")]
-    for _ in range(num_layers - 1):
-        if permutation == "reversed":
-            orders.append(orders[-1].flip(0))
-        else:
-            orders.append(torch.randperm(input_dim, generator=generator, device="cpu"))
-    return orders
-
-
-def _rebuild_after_load(module: Conditioner, incompatible_keys: object) -> None:
-    module._order_loaded()  # a module-level function, so that conditioners pickle
 
 
 class Conditioner(nn.Module):
@@ -101,17 +40,18 @@ class Conditioner(nn.Module):
     Attributes:
         input_dim: ``D``.
         context_dim: size of the context vector, or ``None`` for an unconditional network.
-        order: buffer, ``order[t]`` = the position processed ``t``-th; saved in the state dict,
-            and everything derived from it is rebuilt when a state dict is loaded.
-        rank: the inverse permutation, ``rank[i]`` = when position ``i`` is processed.
+        ordering: buffer, ``ordering[t]`` = the position visited ``t``-th; saved in the state
+            dict, and everything derived from it is rebuilt when a state dict is loaded.
+        inverse_ordering: ``inverse_ordering[i]`` = when position ``i`` is visited
+            (see :mod:`pyro_arflow.ordering`).
         use_cuda_graphs: whether ``recur`` may replay CUDA graphs (default ``True``; they
             never change results, so this is for profiling and debugging).
     """
 
     use_cuda_graphs: bool = True
 
-    order: Tensor
-    rank: Tensor
+    ordering: Tensor
+    inverse_ordering: Tensor
 
     def __init__(
         self,
@@ -125,16 +65,8 @@ class Conditioner(nn.Module):
         if context_dim is not None:
             check_positive_int(context_dim, "context_dim")
         self.context_dim = context_dim
-        # computed on the CPU, held where the module's tensors are created (the default device)
-        order = resolve_order(input_dim, ordering, seed).to(torch.empty(0).device)
-        self.register_buffer("order", order)
-        self.register_buffer("rank", torch.argsort(self.order), persistent=False)
-        self.register_load_state_dict_post_hook(_rebuild_after_load)
+        register_ordering(self, resolve_ordering(input_dim, ordering, seed))
         self._solve_graphs = SolveGraphs()
-
-    def _order_loaded(self) -> None:
-        """Rebuild what depends on ``order`` after a state dict replaced it."""
-        self.rank.copy_(torch.argsort(self.order))
 
     def forward(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """All positions' ``(loc, raw_scale)`` in one pass, each of shape ``u.shape``."""

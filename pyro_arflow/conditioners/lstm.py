@@ -108,12 +108,12 @@ class LSTMConditioner(Conditioner):
 
     def _unorder(self, ordered: Tensor) -> tuple[Tensor, Tensor]:
         """(D, B, 2) head outputs in order -> (loc, raw) of shape (B, D) in position index."""
-        params = ordered.permute(1, 2, 0)[..., self.rank]
+        params = ordered.permute(1, 2, 0)[..., self.inverse_ordering]
         return params[:, 0], params[:, 1]
 
     def _forward(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         batch = u.shape[0]
-        ordered = u.t()[self.order]
+        ordered = u.t()[self.ordering]
         start = self.start_value.expand(1, batch)
         shifted = torch.cat([start, ordered[:-1]], dim=0)
         state = self._start_state(batch)
@@ -130,7 +130,7 @@ class LSTMConditioner(Conditioner):
     ) -> tuple[Tensor, Tensor, Tensor]:
         # One fused cell call per layer and step, on the same weights nn.LSTM uses in forward.
         batch = w.shape[0]
-        w_ordered = w.t()[self.order]
+        w_ordered = w.t()[self.ordering]
         hidden, cell = self._start_state(batch)
         states = list(zip(hidden.unbind(0), cell.unbind(0), strict=True))
         weights = [
@@ -154,7 +154,7 @@ class LSTMConditioner(Conditioner):
             value = solve(step_params[:, :1], step_params[:, 1:], w_ordered[t, :, None])
             values.append(value)
             params.append(step_params)
-        u = torch.cat(values, dim=1)[:, self.rank]
+        u = torch.cat(values, dim=1)[:, self.inverse_ordering]
         loc, raw = self._unorder(torch.stack(params, dim=0))
         return u, loc, raw
 

@@ -1,14 +1,4 @@
-r"""The masked conditioner: MADE (Germain et al. 2015, "MADE: Masked Autoencoder for
-Distribution Estimation", https://arxiv.org/abs/1502.03509).
-
-Every unit gets a *degree*. Input :math:`j` has degree :math:`\mathrm{rank}(j)` (its place in
-the order), hidden units get degrees in :math:`\{0, \dots, D-2\}`, sorted within each layer,
-and a connection from a unit of degree :math:`a` to a hidden unit of degree :math:`b` exists
-only when :math:`a \le b`, to an output of position :math:`i` only when
-:math:`a < \mathrm{rank}(i)`. Every hidden layer has at least :math:`D - 1` units, so every
-degree occurs in it and output :math:`i` sees exactly the inputs before it in the order: one
-pass of the network yields all :math:`D` conditionals, none of their dependencies lost. A
-context, when given, feeds every first-layer unit.
+r"""The masked conditioner: a MADE network (connectivity in :mod:`.masks`) and its solves.
 
 The sequential solve (``recur``) has two exact methods:
 
@@ -17,9 +7,12 @@ The sequential solve (``recur``) has two exact methods:
   degree :math:`\le d` are known. Step :math:`t` computes the degree-:math:`(t-1)` block of
   each layer from the prefix of the layer below, then position :math:`t`'s outputs: every
   unit is computed exactly once, so the whole solve costs about one network pass of
-  arithmetic (less: the masked half is skipped), spread over :math:`D` small steps.
+  arithmetic (less: the masked half is skipped), spread over :math:`D` small steps. Under
+  autograd each block is appended to its layer's activations; without it, blocks are written
+  into activations allocated once (appending copies the prefix, O(D x width x batch) memory
+  traffic per layer on top of the arithmetic). The loop is one; only the storage differs.
 * ``"passes"``: the textbook fixed point, :math:`D` full network passes (after pass
-  :math:`k` the first :math:`k` positions in the order are exact). Kept as the reference.
+  :math:`k` the first :math:`k` positions in the ordering are exact). Kept as the reference.
 """
 
 from __future__ import annotations
@@ -27,127 +20,18 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
-from .base import Conditioner, Ordering, Solve
+from ..ordering import Ordering
+from .base import Conditioner, Solve
+from .masks import MaskedLinear, default_output_gain, made_masks, units_through
 
-__all__ = ["MaskedConditioner", "MaskedLinear", "RECUR_METHODS"]
+__all__ = ["MaskedConditioner", "RECUR_METHODS"]
 
 RECUR_METHODS = ("incremental", "passes")
-
-
-class MaskedLinear(nn.Module):
-    r""":math:`x \mapsto x (W \odot M)^\top + b` with a fixed connectivity :math:`M`.
-
-    :math:`W` and :math:`b` live in one parameter, ``affine`` :math:`= [W^\top; b]` of shape
-    ``(in_features + 1, out_features)`` (so :math:`y = [x, 1]\,\text{affine}` unmasked);
-    ``weight`` and ``bias`` are views of it. One tensor per layer, not two, because Pyro's
-    optimizers (``pyro.optim.Adam`` and friends) keep one optimizer per parameter tensor, and
-    each of their steps has a fixed cost (about 0.2 ms on CPU) whatever the tensor's size: for
-    a guide of a few layers this halves the optimizer's share of every SVI step. Stored
-    transposed so that the bias is a contiguous row. Initialized as ``nn.Linear``: uniform on
-    :math:`\pm 1/\sqrt{\text{in\_features}}`.
-
-    :math:`M` holds 0 where a connection is cut and ``gain`` where it exists; it is derived
-    from the network's structure (:meth:`set_mask`), so it is a buffer kept out of the state
-    dict: checkpoints hold parameters only.
-
-    Arguments:
-        in_features, out_features: the sizes of the map.
-        gain: the multiplier of every kept weight (the bias has none).
-    """
-
-    mask_t: Tensor
-
-    def __init__(self, in_features: int, out_features: int, gain: float = 1.0) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.gain = in_features, out_features, gain
-        bound = in_features**-0.5
-        self.affine = nn.Parameter(
-            torch.empty(in_features + 1, out_features).uniform_(-bound, bound)
-        )
-        self.register_buffer(
-            "mask_t", torch.full((in_features, out_features), gain), persistent=False
-        )
-        self._masked_weight: tuple[tuple[int, ...], Tensor, Tensor] | None = None
-
-    def set_mask(self, mask: Tensor) -> None:
-        """Set the 0/1 connectivity, shape ``(out_features, in_features)``."""
-        self.mask_t.copy_(mask.t() * self.gain)
-
-    @property
-    def weight(self) -> Tensor:
-        """The unmasked weight :math:`W`, shape ``(out_features, in_features)``, a view."""
-        return self.affine[:-1].t()
-
-    @property
-    def bias(self) -> Tensor:
-        """The bias :math:`b`, a view of ``affine``."""
-        return self.affine[-1]
-
-    def masked_affine(self) -> tuple[Tensor, Tensor]:
-        r""":math:`((W \odot M)^\top, b)`, shapes ``(in, out)`` and ``(out,)``.
-
-        One split of ``affine``, so its backward pass is a single copy; the bias is 1-D, which
-        lets ``addmm`` on CUDA add it in the matrix product's epilogue rather than first
-        copying it into every row of the output. Without autograd the
-        masked weight is kept until ``affine`` or the mask changes (their version counters
-        and addresses tell), so inference and sampling skip the product; inside a CUDA-graph
-        capture or a JIT trace it is always recomputed, so that replays see updated weights.
-        """
-        affine, mask = self.affine, self.mask_t
-        if (
-            (torch.is_grad_enabled() and affine.requires_grad)
-            or torch.jit.is_tracing()
-            or (affine.is_cuda and torch.cuda.is_current_stream_capturing())
-        ):
-            weight_t, bias = affine.split([self.in_features, 1])
-            return weight_t * mask, bias.view(-1)
-        key = (affine._version, affine.data_ptr(), mask._version, mask.data_ptr())
-        cached = self._masked_weight
-        if cached is None or cached[0] != key:
-            weight_t, bias = affine.split([self.in_features, 1])
-            cached = self._masked_weight = (key, weight_t * mask, bias.view(-1))
-        return cached[1], cached[2]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())  # a copy: object.__getstate__ gives __dict__ itself
-        state["_masked_weight"] = None
-        return state
-
-    def forward(self, *pieces: Tensor) -> Tensor:
-        """The map of the input ``x``, given whole or as ``pieces`` whose features, side by
-        side, make ``x`` (each piece meets its own rows of the weight: no copy into one
-        tensor, as ``torch.cat`` would make)."""
-        weight_t, bias = self.masked_affine()
-        if len(pieces) == 1:
-            return torch.addmm(bias, pieces[0], weight_t)
-        blocks = weight_t.split([piece.shape[-1] for piece in pieces])
-        y = torch.addmm(bias, pieces[0], blocks[0])
-        for piece, block in zip(pieces[1:], blocks[1:], strict=True):
-            y.addmm_(piece, block)  # in place is safe: addmm's backward never reads its output
-        return y
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, gain={self.gain}"
-
-
-def default_output_gain(fan_in: int) -> float:
-    """The gain of an output layer reading ``fan_in`` units: ``min(1, 8 / fan_in)`` rounded to
-    a power of two, which every floating dtype holds exactly (see :class:`MaskedConditioner`)."""
-    return 2.0 ** -max(0, round(math.log2(fan_in / 8)))
-
-
-def hidden_degrees(input_dim: int, width: int) -> Tensor:
-    """Sorted degrees of a hidden layer, spread evenly over ``0 .. D-2`` (all 0 when D = 1).
-
-    With ``width >= D - 1`` every degree occurs, which is what keeps every dependency.
-    """
-    return torch.arange(width, device="cpu") * max(input_dim - 1, 1) // width
 
 
 def _build_activation(activation: type[nn.Module] | nn.Module) -> nn.Module:
@@ -274,13 +158,7 @@ class MaskedConditioner(Conditioner):
             raise ValueError(f"output_gain must be a finite number > 0, got {output_gain!r}")
         self.output = MaskedLinear(output_fan_in, 2 * input_dim, gain=float(output_gain))
         nn.init.zeros_(self.output.affine)
-        # units_through[l][d + 1] = how many units of layer l (0 = the inputs, in order) have
-        # degree <= d, for d = -1 .. D-1: the prefix the incremental solve reads.
-        thresholds = torch.arange(-1, input_dim, device="cpu")
-        self._units_through = [list(range(input_dim + 1))] + [
-            torch.searchsorted(hidden_degrees(input_dim, width), thresholds, right=True).tolist()
-            for width in hidden_dims
-        ]
+        self._units_through = units_through(input_dim, hidden_dims)
         self._set_masks()
 
     @property
@@ -290,34 +168,16 @@ class MaskedConditioner(Conditioner):
     def _recur_variant(self) -> tuple:
         return (self.recur_method,)
 
-    def _order_loaded(self) -> None:
-        super()._order_loaded()
+    def _ordering_loaded(self) -> None:
         self._set_masks()
 
     def _set_masks(self) -> None:
-        """Connectivity from the degrees: input j has degree rank(j), hidden units their
-        sorted degrees; a hidden unit sees degrees <= its own, output i degrees < rank(i)."""
-        rank = self.rank.cpu()
-        context_width = self.context_dim or 0
-        in_degrees = rank
-        for index, layer in enumerate(self.hidden):
-            degrees = hidden_degrees(self.input_dim, layer.out_features)
-            mask = (in_degrees[None, :] <= degrees[:, None]).float()
-            if index == 0:
-                context_mask = torch.ones(len(degrees), context_width, device="cpu")
-                mask = torch.cat([mask, context_mask], dim=1)
+        hidden, output = made_masks(
+            self.inverse_ordering, self.hidden_dims, self.context_dim or 0, self.skip_connections
+        )
+        for layer, mask in zip(self.hidden, hidden, strict=True):
             layer.set_mask(mask)
-            in_degrees = degrees
-
-        def strictly_before(degrees: Tensor) -> Tensor:  # (loc rows, raw rows) x units
-            return (degrees[None, :] < rank[:, None]).float().repeat(2, 1)
-
-        blocks = [strictly_before(in_degrees)]
-        if self.skip_connections:
-            blocks.append(strictly_before(rank))
-        if self.skip_connections or not self.hidden_dims:
-            blocks.append(torch.ones(2 * self.input_dim, context_width, device="cpu"))
-        self.output.set_mask(torch.cat(blocks, dim=1))
+        self.output.set_mask(output)
 
     def _forward(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         x = (u,) if context is None else (u, context)  # the input, in pieces (no cat)
@@ -335,9 +195,7 @@ class MaskedConditioner(Conditioner):
     ) -> tuple[Tensor, Tensor, Tensor]:
         if self.recur_method == "passes":
             return self._recur_by_passes(w, solve, context)
-        if self._tracks_grad(w, context) or torch.jit.is_tracing():
-            return self._recur_incrementally(w, solve, context)
-        return self._recur_incrementally_in_place(w, solve, context)
+        return self._recur_incrementally(w, solve, context)
 
     def _recur_by_passes(
         self, w: Tensor, solve: Solve, context: Tensor | None
@@ -367,10 +225,10 @@ class MaskedConditioner(Conditioner):
             inputs, context_weight = weight[:, :dim], weight[:, dim:]
             if context is not None:
                 offset = torch.addmm(offset, context_weight, context.t())
-            return inputs[:, self.order], offset
+            return inputs[:, self.ordering], offset
 
         def per_position(rows: Tensor) -> Tensor:
-            return torch.stack([rows[:dim], rows[dim:]], 1)[self.order]
+            return torch.stack([rows[:dim], rows[dim:]], 1)[self.ordering]
 
         hidden = []
         for index, layer in enumerate([*self.hidden, self.output]):
@@ -390,11 +248,15 @@ class MaskedConditioner(Conditioner):
     def _recur_incrementally(
         self, w: Tensor, solve: Solve, context: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        # Activations are kept transposed, (units, batch), so a prefix of units is contiguous.
         batch, dim = w.shape
-        w_ordered = w.t()[self.order]
+        w_ordered = w.t()[self.ordering]
         hidden, (out_weight, skip, out_offset) = self._ordered_layers(context)
-        known = [w.new_zeros(0, batch) for _ in range(len(hidden) + 1)]  # [inputs, hidden...]
+        storage = (
+            _AppendedActivations
+            if self._tracks_grad(w, context) or torch.jit.is_tracing()
+            else _PreallocatedActivations
+        )
+        known = storage([dim, *self.hidden_dims], w)  # layer 0: the solved values, in order
         through = self._units_through
         params = []
         for t in range(dim):
@@ -403,62 +265,22 @@ class MaskedConditioner(Conditioner):
                     start, end = through[layer][t - 1], through[layer][t]
                     if start == end:
                         continue
-                    below = known[layer - 1][: through[layer - 1][t]]
-                    block = self.activation(
-                        torch.addmm(offset[start:end], weight[start:end, : below.shape[0]], below)
-                    )
-                    if self.residual and layer > 1:
-                        block = block + known[layer - 1][start:end]
-                    known[layer] = torch.cat([known[layer], block])
-            top = known[-1][: through[-1][t]]
-            step = torch.matmul(out_weight[t, :, : top.shape[0]], top) + out_offset[t]
-            if skip is not None:
-                step = step + torch.matmul(skip[t, :, :t], known[0])
-            value = solve(step[0], step[1], w_ordered[t])
-            known[0] = torch.cat([known[0], value[None]])
-            params.append(step)
-        u = known[0][self.rank].t()
-        loc, raw = torch.stack(params)[self.rank].permute(1, 2, 0)
-        return u, loc, raw
-
-    def _recur_incrementally_in_place(
-        self, w: Tensor, solve: Solve, context: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The incremental solve without autograd: every block is written into preallocated
-        activations, where the autograd version appends it (``cat`` copies the prefix, so
-        that version moves O(D x width x batch) memory per layer on top of the arithmetic)."""
-        batch, dim = w.shape
-        w_ordered = w.t()[self.order]
-        hidden, (out_weight, skip, out_offset) = self._ordered_layers(context)
-        known = [w.new_empty(dim, batch)] + [w.new_empty(h, batch) for h in self.hidden_dims]
-        params = w.new_empty(dim, 2, batch)
-        through = self._units_through
-        for t in range(dim):
-            if t > 0:  # the units of degree t - 1 are final now: compute each block once
-                for layer, (weight, offset) in enumerate(hidden, start=1):
-                    start, end = through[layer][t - 1], through[layer][t]
-                    if start == end:
-                        continue
                     count = through[layer - 1][t]
-                    block = known[layer][start:end]
-                    torch.addmm(
-                        offset[start:end],
-                        weight[start:end, :count],
-                        known[layer - 1][:count],
-                        out=block,
+                    below = known.prefix(layer - 1, count)
+                    block = self.activation(
+                        torch.addmm(offset[start:end], weight[start:end, :count], below)
                     )
-                    activated = self.activation(block)
                     if self.residual and layer > 1:
-                        torch.add(activated, known[layer - 1][start:end], out=block)
-                    elif activated is not block:
-                        block.copy_(activated)
+                        block = block + known.rows(layer - 1, start, end)
+                    known.append(layer, block)
             count = through[-1][t]
-            torch.addmm(out_offset[t], out_weight[t, :, :count], known[-1][:count], out=params[t])
+            step = torch.addmm(out_offset[t], out_weight[t, :, :count], known.prefix(-1, count))
             if skip is not None:
-                params[t].addmm_(skip[t, :, :t], known[0][:t])
-            known[0][t] = solve(params[t, 0], params[t, 1], w_ordered[t])
-        u = known[0][self.rank].t()
-        loc, raw = params[self.rank].permute(1, 2, 0)
+                step = torch.addmm(step, skip[t, :, :t], known.prefix(0, t))
+            known.append(0, solve(step[0], step[1], w_ordered[t])[None])
+            params.append(step)
+        u = known.prefix(0, dim)[self.inverse_ordering].t()
+        loc, raw = torch.stack(params)[self.inverse_ordering].permute(1, 2, 0)
         return u, loc, raw
 
     def extra_repr(self) -> str:
@@ -466,3 +288,33 @@ class MaskedConditioner(Conditioner):
             f"{super().extra_repr()}, hidden_dims={self.hidden_dims}, residual={self.residual}, "
             f"skip_connections={self.skip_connections}"
         )
+
+
+class _AppendedActivations:
+    """Each layer's known activations, ``(units, batch)``, grown by ``torch.cat``: every step
+    is a new tensor, as autograd needs."""
+
+    def __init__(self, widths: Sequence[int], like: Tensor) -> None:
+        self.layers = [like.new_zeros(0, like.shape[0]) for _ in widths]
+
+    def prefix(self, layer: int, count: int) -> Tensor:
+        return self.layers[layer][:count]
+
+    def rows(self, layer: int, start: int, end: int) -> Tensor:
+        return self.layers[layer][start:end]
+
+    def append(self, layer: int, block: Tensor) -> None:
+        self.layers[layer] = torch.cat([self.layers[layer], block])
+
+
+class _PreallocatedActivations(_AppendedActivations):
+    """The same, written into activations allocated once (no autograd): no prefix is copied."""
+
+    def __init__(self, widths: Sequence[int], like: Tensor) -> None:
+        self.layers = [like.new_empty(width, like.shape[0]) for width in widths]
+        self.filled = [0 for _ in widths]
+
+    def append(self, layer: int, block: Tensor) -> None:
+        start = self.filled[layer]
+        self.layers[layer][start : start + block.shape[0]].copy_(block)
+        self.filled[layer] = start + block.shape[0]

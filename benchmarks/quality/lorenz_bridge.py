@@ -1,7 +1,8 @@
 """A stochastic Lorenz-63 bridge: guides that start from the model against flat ones, and NUTS.
 
-    python examples/lorenz_bridge.py [--steps N] [--seed S] [--out DIR] [--draws N] [--guides ...]
-    python examples/lorenz_bridge.py --regenerate-reference    # reruns NUTS, rewrites the data file
+    python benchmarks/quality/lorenz_bridge.py [--steps N] [--seed S] [--out DIR] [--draws N]
+        [--guides ...]
+    python benchmarks/quality/lorenz_bridge.py --regenerate-reference  # reruns NUTS, new data file
 
 The model (Euler-Maruyama steps of the Lorenz-63 system with noise; 30 states of 3 coordinates,
 90 latents, no globals):
@@ -31,7 +32,7 @@ import matplotlib.pyplot as plt
 import pyro
 import pyro.distributions as dist
 import torch
-from _common import (
+from _study import (
     chosen,
     fit_columns,
     guide_draws,
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"(at most {args.steps} steps, seed {args.seed}); scored against NUTS",
         rows,
         args.out,
-        "lorenz_bridge",
+        "quality_lorenz_bridge",
     )
     plot(truth, x_observed, torch.tensor(reference["path"]["mean"]), means, fits, args.out)
     return rows
@@ -168,7 +169,7 @@ def plot(truth, x_observed, nuts_mean, means, fits, out: Path) -> None:
     axes[1].set_title("Posterior means of the path against NUTS (dots: the observed x)")
     axes[2].legend(fontsize=7, ncol=2, loc="lower right")  # where no path runs
     axes[-1].set_xlabel("t")
-    save_figure(figure, out / "lorenz_bridge.png")
+    save_figure(figure, out / "quality_lorenz_bridge.png")
 
 
 if __name__ == "__main__":
