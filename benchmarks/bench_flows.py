@@ -18,8 +18,9 @@ Setting: D = 64, two hidden layers of 256 units, float32; batch 4096 (and 65536 
   own parallel direction.
 * Scale maps: our IAF's parallel direction with each of them, without and with a backward
   pass (the default scale map is chosen by this table and by stability; README).
-* LSTM conditioner, both directions, D = 256, 1024, 4096, hidden 64, batch 256; on a GPU
-  the sequential direction also without CUDA graphs, to show what they buy.
+* The long-path conditioners, LSTM (hidden 64) and causal convolutions (32 channels, 4
+  layers), both directions, D = 256, 1024, 4096, batch 256, with their parameter counts; on
+  a GPU the LSTM's sequential direction also without CUDA graphs, to show what they buy.
 
 Times are medians of repeated runs (wall clock on the CPU, CUDA events on a GPU); ratios are
 printed, nothing is asserted.
@@ -40,7 +41,7 @@ from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
 
 import pyro_arflow as af
-from pyro_arflow.conditioners import LSTMConditioner
+from pyro_arflow.conditioners import ConvConditioner, LSTMConditioner
 from pyro_arflow.scales import SCALE_MAPS
 
 DIM, HIDDEN, BATCH = 64, [256, 256], 4096
@@ -286,24 +287,36 @@ def push(loc, raw, noise):
     return loc + torch.nn.functional.softplus(raw) * noise
 
 
-def lstm_table(repeats: int) -> None:
-    print("\nLSTM conditioner, hidden 64, batch 256 (one layer, no grad; sizes take turns)")
+LONG_PATH_CONDITIONERS = {
+    "LSTM conditioner, hidden 64": lambda dim: LSTMConditioner(dim, hidden_size=64),
+    "Conv conditioner, 32 channels, 4 layers": lambda dim: ConvConditioner(dim),
+}
+
+
+def long_path_table(repeats: int) -> None:
     batch, dims = 256, (256, 1024, 4096)
-    runs = {}
-    for dim in dims:
-        conditioner = LSTMConditioner(dim, hidden_size=64).to(DEVICE)
-        u = torch.randn(batch, dim, device=DEVICE)
-        runs[("forward", dim)] = lambda c=conditioner, u=u: c(u)
-        runs[("recur", dim)] = lambda c=conditioner, u=u: c.recur(u, push)
-    with torch.no_grad():
-        ms = interleaved_medians(runs, max(5, repeats // 2), DEVICE)
-    print(f"{'D':>6s} {'forward ms':>11s} {'recur ms':>10s}")
-    for dim in dims:
-        print(f"{dim:6d} {ms[('forward', dim)]:11.2f} {ms[('recur', dim)]:10.2f}")
-    print(
-        f"time(4096) / time(1024): forward {ms[('forward', 4096)] / ms[('forward', 1024)]:.2f}, "
-        f"recur {ms[('recur', 4096)] / ms[('recur', 1024)]:.2f} (linear growth = 4)"
-    )
+    for title, make in LONG_PATH_CONDITIONERS.items():
+        print(f"\n{title}, batch 256 (one layer, no grad; sizes take turns)")
+        runs, sizes = {}, {}
+        for dim in dims:
+            conditioner = make(dim).to(DEVICE)
+            sizes[dim] = sum(p.numel() for p in conditioner.parameters())
+            u = torch.randn(batch, dim, device=DEVICE)
+            runs[("forward", dim)] = lambda c=conditioner, u=u: c(u)
+            runs[("recur", dim)] = lambda c=conditioner, u=u: c.recur(u, push)
+        with torch.no_grad():
+            ms = interleaved_medians(runs, max(5, repeats // 2), DEVICE)
+        print(f"{'D':>6s} {'parameters':>11s} {'forward ms':>11s} {'recur ms':>10s}")
+        for dim in dims:
+            print(
+                f"{dim:6d} {sizes[dim]:11d} {ms[('forward', dim)]:11.2f} {ms[('recur', dim)]:10.2f}"
+            )
+        forward_growth = ms[("forward", 4096)] / ms[("forward", 1024)]
+        recur_growth = ms[("recur", 4096)] / ms[("recur", 1024)]
+        print(
+            f"time(4096) / time(1024): forward {forward_growth:.2f}, recur {recur_growth:.2f} "
+            "(linear growth = 4)"
+        )
     if torch.device(DEVICE).type == "cuda":
         eager = LSTMConditioner(4096, hidden_size=64).to(DEVICE)
         eager.use_cuda_graphs = False
@@ -334,7 +347,7 @@ def main() -> None:
     sequential_table(args.fit_steps, args.repeats)
     for batch in batches:
         scale_map_table(4 * args.repeats, batch)
-    lstm_table(args.repeats)
+    long_path_table(args.repeats)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .transforms import (
     maf,
 )
 from .validation import flush_finite_checks
+from .warm_start import LaplaceApproximation, laplace_warm_start
 
 __version__ = "0.4.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "GaussianPath",
     "ImportanceDraws",
     "LSTMConditioner",
+    "LaplaceApproximation",
     "LinearAutoregression",
     "MaskedConditioner",
     "Permutation",
@@ -50,6 +52,7 @@ __all__ = [
     "get_flow",
     "iaf",
     "importance_resample",
+    "laplace_warm_start",
     "init_parameters",
     "linear_autoregression",
     "maf",

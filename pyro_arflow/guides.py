@@ -37,12 +37,52 @@ from ._checks import check_positive_int
 from ._model_checks import argument_shapes, check_no_subsampled_latents, rng_state_kept
 from ._params import module_context, store_name, synced_child
 from .distributed import check_lazy_parameters_may_appear
+from .landing import StickingTheLanding, detached_parameters
 from .paths import GaussianPath, PathFlow
 from .registry import build_flow
 from .structured import PathResidual, SiteSlot, StructuredTransform, global_positions
 from .validation import check_finite
 
-__all__ = ["AutoARFlow"]
+__all__ = ["AutoARFlow", "default_flow"]
+
+
+class _DefaultFlow(str):
+    """The default ``flow``: equal to ``"iaf"``, and told apart from an explicit ``"iaf"`` by
+    its type (which pickling keeps), so that the default may adapt to the number of latents
+    (:func:`default_flow`) while a name given by hand builds exactly what it names."""
+
+
+DEFAULT_FLOW = _DefaultFlow("iaf")
+LARGEST_MASKED_DEFAULT = 512
+"""The default flow is the masked ``"iaf"`` up to this many latents; its hidden layers need
+``D - 1`` units or more, so its size grows as ``D^2`` (80M parameters at D = 2000)."""
+LARGEST_DENSE_LINEAR_DEFAULT = 2048
+"""Beyond the masked default, the linear autoregressions are dense up to this many latents
+(``D^2`` weights each), banded above."""
+DEFAULT_BANDWIDTH = 32
+
+
+def default_flow(num_latents: int) -> tuple[str, dict[str, Any]]:
+    """The flow of ``AutoARFlow(model)`` over ``num_latents`` latents: its name and keywords.
+
+    Up to ``LARGEST_MASKED_DEFAULT`` latents the masked ``"iaf"`` (each IAF layer followed
+    by a dense linear autoregression: a full-rank Gaussian and the masked network's
+    nonlinearity); above, ``"iaf-conv"``, whose size does not grow with the latents, with the
+    linear autoregressions dense up to ``LARGEST_DENSE_LINEAR_DEFAULT`` latents (still a
+    full-rank Gaussian) and banded (``DEFAULT_BANDWIDTH``) beyond.
+
+    Example::
+
+        >>> from pyro_arflow.guides import default_flow
+        >>> default_flow(100), default_flow(2000)[0], default_flow(10_000)[1]
+        (('iaf', {}), 'iaf-conv', {'linear_autoregression': True, 'bandwidth': 32})
+    """
+    if num_latents <= LARGEST_MASKED_DEFAULT:
+        return "iaf", {}
+    if num_latents <= LARGEST_DENSE_LINEAR_DEFAULT:
+        return "iaf-conv", {"linear_autoregression": True}
+    return "iaf-conv", {"linear_autoregression": True, "bandwidth": DEFAULT_BANDWIDTH}
+
 
 MASKED_FLOWS = ("iaf", "maf")
 MIN_MASKED_WIDTH = 64
@@ -60,9 +100,12 @@ class AutoARFlow(AutoContinuous):
 
     Arguments:
         model: a Pyro model with continuous latent sites.
-        flow: a registered flow name (``"iaf"``, ``"iaf-lstm"``, ``"maf"``, ``"maf-lstm"``, or
+        flow: a registered flow name (``"iaf"``, ``"iaf-lstm"``, ``"iaf-conv"``, the MAFs, or
             a plugin's). IAF is the natural choice: sampling and scoring its own samples take
-            one pass; MAF samples by a sequential solve.
+            one pass; MAF samples by a sequential solve. Left at its default (and without
+            flow keywords), the flow adapts to the number of latents it draws
+            (:func:`default_flow`: the masked ``"iaf"`` up to 512, ``"iaf-conv"`` beyond);
+            a name given by hand builds exactly what it names.
         num_flows: number of flow layers.
         init_loc_fn: per-site initialization, as for every Pyro autoguide; unlike Pyro's
             ``AutoIAFNormal`` it is honoured.
@@ -77,6 +120,13 @@ class AutoARFlow(AutoContinuous):
             globals, whatever ``init_loc_fn`` says of the path.
         path_hidden_dim: width of the ``tanh`` layer through which each path's residual
             reads the globals (0: linearly).
+        sticking_the_landing: drop the score term of the latents the flow draws (all of a
+            flat guide's, the globals of one with paths; :mod:`pyro_arflow.landing`): the
+            same expected gradient, whose variance vanishes at the exact posterior. Scoring a
+            draw then runs the flow's inverse, an IAF's sequential direction: cheap over a
+            few globals, dear for a flat guide over many latents. Any ELBO and
+            :func:`~pyro_arflow.fit` use it as they find it; it can be switched on a built
+            guide.
         flow_kwargs: passed to :func:`~pyro_arflow.build_flow` (``hidden_dims``: the masked
             flows default to one hidden layer of ``3 D + 1`` units, at least 64;
             ``hidden_size``, ``orderings``, ...). They are checked at construction, on a
@@ -105,12 +155,13 @@ class AutoARFlow(AutoContinuous):
     def __init__(
         self,
         model: Any,
-        flow: str = "iaf",
+        flow: str = DEFAULT_FLOW,
         num_flows: int = 2,
         init_loc_fn: Any = init_to_median,
         init_scale: float = 0.1,
         paths: str = "prior",
         path_hidden_dim: int = 16,
+        sticking_the_landing: bool = False,
         **flow_kwargs: Any,
     ) -> None:
         if (
@@ -155,6 +206,7 @@ class AutoARFlow(AutoContinuous):
         self._flow_kwargs = flow_kwargs
         self._paths = paths
         self._path_hidden_dim = path_hidden_dim
+        self.sticking_the_landing = bool(sticking_the_landing)
         self._model_arguments: tuple[tuple, dict] | None = None
         super().__init__(model, init_loc_fn=init_loc_fn)
 
@@ -188,12 +240,14 @@ class AutoARFlow(AutoContinuous):
         init_globals = init_loc[global_index]
         self.global_dim = len(global_index)
         if self.global_dim:
-            flow_kwargs = dict(self._flow_kwargs)
-            if self._flow_name in MASKED_FLOWS and "hidden_dims" not in flow_kwargs:
+            flow_name, flow_kwargs = self._flow_name, dict(self._flow_kwargs)
+            if isinstance(flow_name, _DefaultFlow) and not flow_kwargs:
+                flow_name, flow_kwargs = default_flow(self.global_dim)
+            if flow_name in MASKED_FLOWS and "hidden_dims" not in flow_kwargs:
                 flow_kwargs["hidden_dims"] = [max(3 * self.global_dim + 1, MIN_MASKED_WIDTH)]
-            self.flow = build_flow(
-                self._flow_name, self.global_dim, self._num_flows, **flow_kwargs
-            ).to(dtype=init_loc.dtype, device=init_loc.device)
+            self.flow = build_flow(flow_name, self.global_dim, self._num_flows, **flow_kwargs).to(
+                dtype=init_loc.dtype, device=init_loc.device
+            )
             self._warn_if_large(init_loc.element_size())
             self.loc = PyroParam(init_globals, constraints.real)
             self.scale = PyroParam(
@@ -215,7 +269,8 @@ class AutoARFlow(AutoContinuous):
                 f"AutoARFlow's {self._flow_name!r} flow over {self.global_dim} latents holds "
                 f"{count / 1e6:.0f}M parameters ({megabytes:.0f} MB; its default width grows "
                 "with the number of latents). Declare latent paths with af.GaussianPath (they "
-                "then leave the flow), or pass flow='iaf-lstm' or narrower hidden_dims",
+                "then leave the flow), leave flow at its default (it adapts to the number of "
+                "latents), or pass flow='iaf-conv' or narrower hidden_dims",
                 UserWarning,
                 stacklevel=4,
             )
@@ -333,12 +388,54 @@ class AutoARFlow(AutoContinuous):
             self.model, args, kwargs, self._slots, globals_transform, residuals
         )
 
-    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
         if not self._has_paths():
-            return dist.TransformedDistribution(self.get_base_dist(), self._globals_parts())
-        return dist.TransformedDistribution(
-            self.get_base_dist(), [self.get_transform(*args, **kwargs)]
+            posterior = dist.TransformedDistribution(self.get_base_dist(), self._globals_parts())
+        else:
+            posterior = dist.TransformedDistribution(
+                self.get_base_dist(), [self.get_transform(*args, **kwargs)]
+            )
+        if not self.sticking_the_landing:
+            return posterior
+        if not self._has_paths():
+            return StickingTheLanding(posterior, self._globals_log_density_held_fixed)
+        return StickingTheLanding(
+            posterior, lambda latent: self._paths_log_density_landing(posterior, latent)
         )
+
+    def _globals_log_density(self, values: Tensor, held_fixed: bool = False) -> Tensor:
+        """log q of the globals ``values`` under the flow and affine, scored afresh (an IAF's
+        sequential direction, over the globals alone); ``held_fixed``: with every parameter
+        detached, so that gradients reach it only through ``values``."""
+        flow = synced_child(self, "flow")
+        loc, scale = self.loc, self.scale
+        if held_fixed:
+            loc, scale = loc.detach(), scale.detach()
+        transform = torch.distributions.ComposeTransform(
+            [flow, AffineTransform(loc, scale, event_dim=1)]
+        )
+        zeros = values.new_zeros(self.global_dim)
+        base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        with detached_parameters([flow] if held_fixed else []):
+            return dist.TransformedDistribution(base, [transform]).log_prob(values)
+
+    def _globals_log_density_held_fixed(self, values: Tensor) -> Tensor:
+        return self._globals_log_density(values, held_fixed=True)
+
+    def _paths_log_density_landing(self, posterior: Any, latent: Tensor) -> Tensor:
+        """Sticking the landing for the globals of a guide with paths: the draw's own log q,
+        less the globals' score term, ``log q_fixed(theta) - log q(theta)`` (zero in value).
+
+        The paths keep the standard estimator. Their score term is not the trouble; their
+        path term would be: read with the parameters held fixed, a path's density has
+        gradient ``(x - mean) / scale^2`` in the path, which a draw of a small scale (the
+        funnel's neck) sends past float32's range.
+        """
+        if not self.global_dim:
+            return posterior.log_prob(latent)
+        theta = latent[..., global_positions(self._slots)]
+        held = self._globals_log_density(theta, held_fixed=True)
+        return posterior.log_prob(latent) + held - self._globals_log_density(theta)
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
         """Each site's constrained value from a latent vector, batched or not."""

@@ -239,8 +239,8 @@ def _builtin(layer_class: type, conditioner: str, linear_default: bool = False) 
     """The factory of one built-in layer kind with one conditioner.
 
     With ``linear_autoregression`` the layer is followed by a
-    :class:`~pyro_arflow.LinearAutoregression` in the same order (see there why the masked
-    IAF wants it).
+    :class:`~pyro_arflow.LinearAutoregression` in the same ordering (see there why the masked
+    IAF wants it), banded when ``bandwidth`` is given.
     """
 
     def factory(
@@ -249,6 +249,7 @@ def _builtin(layer_class: type, conditioner: str, linear_default: bool = False) 
         ordering: Any = "natural",
         scale_map: str | ScaleMap = "softplus",
         linear_autoregression: bool = linear_default,
+        bandwidth: int | None = None,
         **conditioner_kwargs: Any,
     ) -> Any:
         if "conditioner" in conditioner_kwargs:
@@ -260,9 +261,14 @@ def _builtin(layer_class: type, conditioner: str, linear_default: bool = False) 
             conditioner, input_dim, context_dim, ordering=ordering, **conditioner_kwargs
         )
         layer = layer_class(network, scale_map)
+        if bandwidth is not None and not linear_autoregression:
+            raise ValueError(
+                f"bandwidth={bandwidth!r} is the linear autoregressions'; pass "
+                "linear_autoregression=True with it"
+            )
         if not linear_autoregression:
             return layer
-        linear = LinearAutoregression(input_dim, ordering)
+        linear = LinearAutoregression(input_dim, ordering, bandwidth=bandwidth)
         if context_dim is None:
             return ComposeTransformModule([layer, linear])
         return ConditionalComposeTransformModule([layer, linear])

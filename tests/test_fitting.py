@@ -11,6 +11,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_arflow as af
+from conftest import DEVICE
 from pyro_arflow.fitting import elbo_slope_bound
 
 DATA = torch.tensor([2.1, 1.4, 3.3, 2.8, 1.9, 2.5, 3.1, 2.2])
@@ -94,3 +95,27 @@ def test_bad_options_raise_value_errors(option, value):
 def test_smoothed_trace_averages_full_windows():
     result = af.FitResult(elbo=[1.0, 3.0, 5.0, 7.0, 9.0])
     assert result.smoothed(2) == ([2, 4], [2.0, 6.0])
+
+
+def test_sticking_the_landing_follows_fits_schedule_and_the_guide_keeps_its_own():
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(2, device=DEVICE), 1.0).to_event(1))
+
+    guide = af.AutoARFlow(model, hidden_dims=[8])
+    seen = []
+
+    class Spy(pyro.infer.Trace_ELBO):
+        def loss(self, model, guide, *args, **kwargs):
+            seen.append(guide.sticking_the_landing)
+            return super().loss(model, guide, *args, **kwargs)
+
+        def loss_and_grads(self, model, guide, *args, **kwargs):
+            seen.append(guide.sticking_the_landing)
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+
+    af.fit(model, guide, max_steps=50, loss=Spy(), sticking_the_landing="always", progress=False)
+    assert seen and all(seen) and guide.sticking_the_landing is False
+    with pytest.raises(ValueError, match="sticking_the_landing must be one of"):
+        af.fit(model, guide, sticking_the_landing=True)
+    with pytest.raises(ValueError, match="needs an AutoARFlow guide"):
+        af.fit(model, AutoNormal(model), sticking_the_landing="always")

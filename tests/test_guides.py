@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 import warnings
@@ -456,3 +457,24 @@ def test_default_guide_trains_the_hard_targets_for_3000_steps(target):
     losses = losses_with_defaults(model, 3000)
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-100:]) < sum(losses[:100])
+
+
+def test_the_default_flow_adapts_to_the_number_of_latents_and_a_name_given_by_hand_does_not():
+    """Past 512 latents the default is "iaf-conv" with dense linear autoregressions (its
+    size no longer grows as D^2 through a MADE layer); "iaf" named by hand stays masked."""
+
+    def wide_model():
+        pyro.sample("w", dist.Normal(torch.zeros(600, device=DEVICE), 1.0).to_event(1))
+
+    default = af.AutoARFlow(wide_model)
+    default()
+    kinds = {type(module) for module in default.flow.modules()}
+    assert af.ConvConditioner in kinds and af.MaskedConditioner not in kinds
+    linear = [m for m in default.flow.modules() if isinstance(m, af.LinearAutoregression)]
+    assert linear and all(m.bandwidth is None for m in linear)
+    assert sum(p.numel() for p in default.parameters()) < 1e6
+    pyro.clear_param_store()
+    by_hand = af.AutoARFlow(wide_model, flow="iaf", hidden_dims=[600])
+    by_hand()
+    assert af.MaskedConditioner in {type(module) for module in by_hand.flow.modules()}
+    assert inspect.signature(af.AutoARFlow).parameters["flow"].default == "iaf"

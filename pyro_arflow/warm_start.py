@@ -1,0 +1,215 @@
+r"""A Gaussian warm start: the guide's affine and linear autoregression at the Laplace
+approximation, before the flow takes a step.
+
+At the mode :math:`\hat u` of the model's log density in the unconstrained space, with
+Hessian :math:`H` of the negative log density there, the Laplace approximation is
+:math:`\mathcal{N}(\hat u, H^{-1})`. Factor the precision as :math:`H = A^\top A` with
+:math:`A` lower triangular (the reversed Cholesky factor), and write
+:math:`A = (I - B)\, S^{-1}`, :math:`S = \mathrm{diag}(1 / A_{ii})`, :math:`B` strictly lower
+triangular. Then
+
+.. math::
+
+    u = \hat u + S\, (I - B)^{-1} z, \qquad z \sim \mathcal{N}(0, I)
+
+has precision :math:`S^{-1} (I - B)^\top (I - B) S^{-1} = H`: exactly the guide's
+``loc + scale * LinearAutoregression(z)`` with its IAF layers at the identity, as they start.
+A guide without a dense linear autoregression gets the marginal sds, :math:`S =
+\mathrm{diag}(H^{-1})^{1/2}`. The flow then spends its steps on what is not Gaussian.
+
+A mode needs a log density that has one: a hierarchical model's funnel (a scale and the
+values it scales, both latent) has none, and its Hessian is then not positive definite; the
+warm start says so rather than start there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pyro import poutine
+from torch import Tensor
+from torch.distributions import biject_to
+
+from ._checks import check_positive_int
+from .linear import LinearAutoregression
+
+__all__ = ["LaplaceApproximation", "laplace_warm_start"]
+
+
+@dataclass
+class LaplaceApproximation:
+    """What :func:`laplace_warm_start` found, in the guide's unconstrained coordinates.
+
+    Attributes:
+        loc: the mode.
+        precision: the Hessian of the negative log density at the mode.
+        log_density: the log density at the mode (the model's joint plus the log-Jacobian of
+            the map to the constrained values).
+        iterations: L-BFGS iterations taken.
+
+    Example::
+
+        >>> import torch, pyro_arflow as af
+        >>> precision = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+        >>> found = af.LaplaceApproximation(torch.zeros(2), precision, -1.8, 3)
+        >>> torch.allclose(found.covariance @ precision, torch.eye(2))
+        True
+    """
+
+    loc: Tensor
+    precision: Tensor
+    log_density: float
+    iterations: int
+
+    @property
+    def covariance(self) -> Tensor:
+        return torch.cholesky_inverse(torch.linalg.cholesky(self.precision))
+
+
+def laplace_warm_start(
+    model: Callable, guide: Any, *args: Any, max_iterations: int = 500, **kwargs: Any
+) -> LaplaceApproximation:
+    """Put an :class:`~pyro_arflow.AutoARFlow` without latent paths at the model's Laplace
+    approximation (module docstring): ``loc`` at the mode, ``scale`` and the first dense
+    :class:`~pyro_arflow.LinearAutoregression` of its flow at the Hessian's factors.
+
+    Arguments:
+        model, guide: the model and a guide that has not trained yet (its IAF layers at the
+            identity, as built); ``*args`` and ``**kwargs`` are the model's arguments.
+        max_iterations: most L-BFGS iterations to the mode.
+
+    Raises ``ValueError`` for a guide with latent paths (their law is the prior's flow, not
+    ``loc`` and ``scale``), a log density that is not finite at the start, and a mode whose
+    Hessian is not positive definite.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist, pyro_arflow as af
+        >>> def model():
+        ...     pyro.sample("x", dist.LogNormal(0.0, 2.0))
+        >>> guide = af.AutoARFlow(model, hidden_dims=[8])
+        >>> found = af.laplace_warm_start(model, guide)
+        >>> round(guide.median()["x"].item(), 4), round(guide.scale.item(), 4)  # exact here
+        (1.0, 2.0)
+    """
+    check_positive_int(max_iterations, "max_iterations")
+    if guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)
+    if guide._has_paths():
+        raise ValueError(
+            "laplace_warm_start needs a guide without latent paths: a GaussianPath site is "
+            "drawn by its prior's flow, not by loc and scale; build the guide with "
+            "paths='flat', or train it from the prior as it starts"
+        )
+    with torch.no_grad():
+        start = guide.loc.detach().clone()
+
+    def negative_log_density(latent: Tensor) -> Tensor:
+        return -_log_density(model, guide, latent, args, kwargs)
+
+    if not math.isfinite(float(negative_log_density(start))):
+        raise ValueError("the model's log density is not finite at the guide's initial point")
+    try:
+        mode, iterations = _mode(negative_log_density, start, max_iterations)
+    except ValueError as error:  # the model's validation met a value past the search's reach
+        raise ValueError(f"L-BFGS found no mode: {NO_MODE} (the model said: {error})") from None
+    if not bool(torch.isfinite(mode).all()):
+        raise ValueError(f"L-BFGS found no mode: {NO_MODE}")
+    for _ in range(NEWTON_STEPS):  # L-BFGS stops on small changes; Newton polishes the mode
+        precision = _hessian(negative_log_density, mode)
+        gradient = torch.func.grad(negative_log_density)(mode)
+        step = torch.linalg.solve(precision, gradient)
+        mode = mode - step
+    precision = _hessian(negative_log_density, mode)
+    _set_gaussian(guide, mode, precision)
+    return LaplaceApproximation(mode, precision, -float(negative_log_density(mode)), iterations)
+
+
+NO_MODE = (
+    "the model's log density has no proper mode (a funnel, an unbounded direction); start "
+    "the guide as it is built instead"
+)
+NEWTON_STEPS = 2
+"""Newton steps after L-BFGS: exact for a Gaussian, quadratic convergence otherwise."""
+
+
+def _hessian(negative_log_density: Callable[[Tensor], Tensor], mode: Tensor) -> Tensor:
+    """The symmetrized Hessian at ``mode``; ``ValueError`` unless it is finite and positive
+    definite."""
+    precision = torch.autograd.functional.hessian(negative_log_density, mode)
+    precision = (precision + precision.T) / 2
+    if not bool(torch.isfinite(precision).all()) or torch.linalg.cholesky_ex(precision).info:
+        raise ValueError(f"the Hessian at the mode is not positive definite: {NO_MODE}")
+    return precision
+
+
+def _log_density(model: Callable, guide: Any, latent: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    """The model's joint log density at the unconstrained ``latent``, plus the log-Jacobian
+    of the map to the constrained values."""
+    values = guide._constrain(latent)
+    log_jacobian = latent.new_zeros(())
+    for slot in guide._slots:
+        piece = latent[slot.start : slot.start + slot.size].reshape(slot.unconstrained_shape)
+        transform = biject_to(slot.support)
+        log_jacobian = log_jacobian + transform.log_abs_det_jacobian(piece, values[slot.name]).sum()
+    with poutine.block():
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+    return trace.log_prob_sum() + log_jacobian
+
+
+def _mode(
+    negative_log_density: Callable[[Tensor], Tensor], start: Tensor, max_iterations: int
+) -> tuple[Tensor, int]:
+    latent = start.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [latent], max_iter=max_iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        value = negative_log_density(latent)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    iterations = optimizer.state[optimizer._params[0]].get("n_iter", 0)
+    return latent.detach(), int(iterations)
+
+
+def _set_gaussian(guide: Any, mode: Tensor, precision: Tensor) -> None:
+    """``loc``, ``scale`` and a linear autoregression such that ``loc + scale * (I - B)^{-1}
+    z`` has this precision (the marginal sds alone without such a layer)."""
+    linear = next(
+        (
+            module
+            for module in guide.flow.modules()
+            if isinstance(module, LinearAutoregression) and module.bandwidth is None
+        ),
+        None,
+    )
+    if linear is None:
+        covariance = torch.cholesky_inverse(torch.linalg.cholesky(precision))
+        scale = covariance.diagonal().sqrt()
+    else:  # the factorization in the layer's ordering
+        ordering = linear.ordering.to(mode.device)
+        in_ordering = _lower_factor(precision, ordering)
+        diagonal = in_ordering.diagonal()
+        scale = torch.empty_like(mode)
+        scale[ordering] = 1.0 / diagonal
+        with torch.no_grad():
+            identity = torch.eye(len(mode), dtype=mode.dtype, device=mode.device)
+            linear.weight.copy_((identity - in_ordering / diagonal).tril(-1))
+    guide.loc = mode.clone()
+    guide.scale = scale
+
+
+def _lower_factor(precision: Tensor, ordering: Tensor) -> Tensor:
+    """``A`` lower triangular with positive diagonal and ``A^T A`` = ``precision`` permuted into
+    ``ordering``'s coordinates (the Cholesky factor of the reversed matrix, reversed)."""
+    permuted = precision[ordering][:, ordering]
+    cholesky = torch.linalg.cholesky(permuted.flip(0, 1))
+    return cholesky.flip(0, 1).T
