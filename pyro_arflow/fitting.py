@@ -74,6 +74,7 @@ class FitResult:
         flat_at: the step at which the ELBO was flat by the rule at the reduced learning rate
             (``None``: a cap came first).
         stopped: ``"flat"``, ``"steps"``, ``"time"`` or ``"diverged"``.
+        warm_start: the Laplace approximation the guide started from, or ``None``.
 
     Example::
 
@@ -209,7 +210,7 @@ def fit(
     result = FitResult()
     start = time.perf_counter()
     fresh = isinstance(guide, AutoARFlow) and guide.prototype_trace is None
-    if isinstance(guide, AutoARFlow) and fresh:
+    if fresh:
         guide._setup_prototype(*args, **kwargs)  # its size decides the defaults below
     result.warm_start = _warm_start(model, guide, warm_start, fresh, args, kwargs)
     snapshot: dict[str, torch.Tensor] = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import Any
 
 import pyro.distributions as dist
@@ -398,29 +399,20 @@ class AutoARFlow(AutoContinuous):
         if not self.sticking_the_landing:
             return posterior
         if not self._has_paths():
-            return StickingTheLanding(posterior, self._globals_log_density_held_fixed)
-        return StickingTheLanding(
-            posterior, lambda latent: self._paths_log_density_landing(posterior, latent)
-        )
+            return StickingTheLanding(posterior, partial(self._globals_log_density, fixed=True))
+        return StickingTheLanding(posterior, partial(self._paths_log_density_landing, posterior))
 
-    def _globals_log_density(self, values: Tensor, held_fixed: bool = False) -> Tensor:
+    def _globals_log_density(self, values: Tensor, fixed: bool = False) -> Tensor:
         """log q of the globals ``values`` under the flow and affine, scored afresh (an IAF's
-        sequential direction, over the globals alone); ``held_fixed``: with every parameter
+        sequential direction, over the globals alone); ``fixed``: with every parameter
         detached, so that gradients reach it only through ``values``."""
-        flow = synced_child(self, "flow")
-        loc, scale = self.loc, self.scale
-        if held_fixed:
-            loc, scale = loc.detach(), scale.detach()
-        transform = torch.distributions.ComposeTransform(
-            [flow, AffineTransform(loc, scale, event_dim=1)]
-        )
+        flow, affine = self._globals_parts()
+        if fixed:
+            affine = AffineTransform(affine.loc.detach(), affine.scale.detach(), event_dim=1)
         zeros = values.new_zeros(self.global_dim)
         base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
-        with detached_parameters([flow] if held_fixed else []):
-            return dist.TransformedDistribution(base, [transform]).log_prob(values)
-
-    def _globals_log_density_held_fixed(self, values: Tensor) -> Tensor:
-        return self._globals_log_density(values, held_fixed=True)
+        with detached_parameters([flow] if fixed else []):
+            return dist.TransformedDistribution(base, [flow, affine]).log_prob(values)
 
     def _paths_log_density_landing(self, posterior: Any, latent: Tensor) -> Tensor:
         """Sticking the landing for the globals of a guide with paths: the draw's own log q,
@@ -434,7 +426,7 @@ class AutoARFlow(AutoContinuous):
         if not self.global_dim:
             return posterior.log_prob(latent)
         theta = latent[..., global_positions(self._slots)]
-        held = self._globals_log_density(theta, held_fixed=True)
+        held = self._globals_log_density(theta, fixed=True)
         return posterior.log_prob(latent) + held - self._globals_log_density(theta)
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:

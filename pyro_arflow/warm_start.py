@@ -119,14 +119,17 @@ def laplace_warm_start(
         raise ValueError(f"L-BFGS found no mode: {NO_MODE} (the model said: {error})") from None
     if not bool(torch.isfinite(mode).all()):
         raise ValueError(f"L-BFGS found no mode: {NO_MODE}")
-    for _ in range(NEWTON_STEPS):  # L-BFGS stops on small changes; Newton polishes the mode
-        precision = _hessian(negative_log_density, mode)
-        gradient = torch.func.grad(negative_log_density)(mode)
-        step = torch.linalg.solve(precision, gradient)
-        mode = mode - step
     precision = _hessian(negative_log_density, mode)
-    _set_gaussian(guide, mode, precision)
-    return LaplaceApproximation(mode, precision, -float(negative_log_density(mode)), iterations)
+    for _ in range(NEWTON_STEPS):  # L-BFGS stops on small changes; Newton polishes the mode
+        gradient = torch.func.grad(negative_log_density)(mode)
+        polished = mode - torch.linalg.solve(precision, gradient)
+        if torch.equal(polished, mode):  # converged to the last bit: the Hessian stands
+            break
+        mode = polished
+        precision = _hessian(negative_log_density, mode)
+    found = LaplaceApproximation(mode, precision, -float(negative_log_density(mode)), iterations)
+    _set_gaussian(guide, found)
+    return found
 
 
 NO_MODE = (
@@ -180,9 +183,10 @@ def _mode(
     return latent.detach(), int(iterations)
 
 
-def _set_gaussian(guide: Any, mode: Tensor, precision: Tensor) -> None:
+def _set_gaussian(guide: Any, found: LaplaceApproximation) -> None:
     """``loc``, ``scale`` and a linear autoregression such that ``loc + scale * (I - B)^{-1}
-    z`` has this precision (the marginal sds alone without such a layer)."""
+    z`` is ``found`` (its marginal sds alone without such a layer)."""
+    mode = found.loc
     linear = next(
         (
             module
@@ -192,11 +196,10 @@ def _set_gaussian(guide: Any, mode: Tensor, precision: Tensor) -> None:
         None,
     )
     if linear is None:
-        covariance = torch.cholesky_inverse(torch.linalg.cholesky(precision))
-        scale = covariance.diagonal().sqrt()
+        scale = found.covariance.diagonal().sqrt()
     else:  # the factorization in the layer's ordering
         ordering = linear.ordering.to(mode.device)
-        in_ordering = _lower_factor(precision, ordering)
+        in_ordering = _lower_factor(found.precision, ordering)
         diagonal = in_ordering.diagonal()
         scale = torch.empty_like(mode)
         scale[ordering] = 1.0 / diagonal
