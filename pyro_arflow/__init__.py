@@ -26,7 +26,7 @@ from .transforms import (
 from .validation import flush_finite_checks
 from .warm_start import LaplaceApproximation, laplace_warm_start
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "IAF",

@@ -209,6 +209,9 @@ class AutoARFlow(AutoContinuous):
         self._path_hidden_dim = path_hidden_dim
         self.sticking_the_landing = bool(sticking_the_landing)
         self._model_arguments: tuple[tuple, dict] | None = None
+        # the model as written, for the paths' draws: Pyro wraps ``self.model`` in an init
+        # messenger, which would draw every site from its prior before the guide sets it
+        self._plain_model = (model,)  # a tuple: a PyroModule model is not a submodule
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -220,6 +223,8 @@ class AutoARFlow(AutoContinuous):
         self._model = model
         if self.prototype_trace is not None and self._has_paths():
             state["_model"] = model
+        else:
+            state.pop("_plain_model", None)
         return state
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -386,7 +391,7 @@ class AutoARFlow(AutoContinuous):
         names = [slot.name for slot in self._slots if slot.global_start is None]
         residuals = dict(zip(names, paths, strict=True))
         return StructuredTransform(
-            self.model, args, kwargs, self._slots, globals_transform, residuals
+            self._plain_model[0], args, kwargs, self._slots, globals_transform, residuals
         )
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:

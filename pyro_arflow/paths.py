@@ -11,8 +11,10 @@ A model's path prior
 :math:`x_0 = m_0 + s_0 z_0` and :math:`x_t = f_t(x_{t-1}) + g_t(x_{t-1}) z_t`: its Jacobian
 :math:`\partial x / \partial z` is block lower triangular with diagonal :math:`g_t`, so
 :math:`\log p(x) = \log \mathcal{N}(z; 0, I) - \sum_t \log g_t`. Scoring a given path is one
-parallel pass (every :math:`f_t, g_t` reads a known :math:`x_{t-1}`); drawing one is
-:math:`T` steps.
+parallel pass (every :math:`f_t, g_t` reads a known :math:`x_{t-1}`). Drawing one is a
+recurrence, solved over the whole path at once by Newton's method (one iteration when the
+transition is linear in the state; :mod:`pyro_arflow.recurrences`), or in :math:`T` steps
+where that does not converge.
 
 :class:`PathFlow` is that map, optionally *corrected* step by step,
 
@@ -39,6 +41,7 @@ from torch import Size, Tensor
 
 from ._checks import check_positive_int
 from .cached import CachedTransform
+from .recurrences import solve_markov_recurrence
 
 __all__ = ["GaussianPath", "PathCorrection", "PathFlow"]
 
@@ -46,6 +49,16 @@ Transition = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """``transition(x_prev, t) -> (loc, scale)``: the law of the state after ``x_prev``."""
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+PARALLEL_DRAW_MIN_STEPS = 64
+"""Paths of at least this many states are drawn by Newton's method over the whole path;
+shorter ones in ``T`` steps."""
+
+NEWTON_MAX_ITERATIONS = 32
+"""The most Newton iterations a path's draw takes (and at most ``T / 8``, at least 4, under
+``solver="auto"``, so that a failed solve costs less than the ``T`` steps it falls back to)."""
+
+SOLVERS = ("auto", "newton", "sequential")
 
 
 class GaussianPath(TorchDistribution):
@@ -63,10 +76,11 @@ class GaussianPath(TorchDistribution):
         num_steps: the number of states ``T``.
 
     The event shape is ``(T,)`` for scalar states and ``(T, k)`` for vectors. ``log_prob`` is
-    exact and one parallel pass; ``rsample`` takes ``T`` steps (the flow form,
-    :meth:`as_flow`, is the same map). Under Pyro's validation (on by default) a transition
-    that returns a non-positive or NaN scale raises ``ValueError``. A path pickles when its
-    transition does: ``functools.partial`` of a module-level function, not a lambda.
+    exact and one parallel pass; ``rsample`` solves the recurrence over the whole path
+    (:class:`PathFlow`; the flow form, :meth:`as_flow`, is the same map). Under Pyro's
+    validation (on by default) a transition that returns a non-positive or NaN scale raises
+    ``ValueError``. A path pickles when its transition does: ``functools.partial`` of a
+    module-level function, not a lambda.
 
     Example::
 
@@ -257,23 +271,40 @@ class PathCorrection:
 class PathFlow(CachedTransform):
     r"""The path's flow, white noise :math:`z` to path :math:`x`, optionally corrected.
 
-    ``_call`` draws (``T`` steps), ``_inverse`` scores (one pass); ``log_abs_det_jacobian``
-    is :math:`\sum_t \log \sigma_t`, read from the last pair when it is the one just computed.
+    ``_call`` draws, ``_inverse`` scores (one pass); ``log_abs_det_jacobian`` is
+    :math:`\sum_t \log \sigma_t`, read from the last pair when it is the one just computed.
+
+    The draw is the recurrence :math:`x_t = \mu_t(x_{t-1}) + \sigma_t(x_{t-1}) z_t`. With
+    ``solver="auto"`` (the default) a path of at least :data:`PARALLEL_DRAW_MIN_STEPS` states
+    is solved by Newton's method over the whole path, a few parallel passes and
+    :math:`\lceil \log_2 T \rceil`-round scans (:mod:`pyro_arflow.recurrences`; one
+    iteration and a check when the transition is linear), falling back to ``T`` steps when it
+    does not converge in :data:`NEWTON_MAX_ITERATIONS`; ``"sequential"`` always takes ``T``
+    steps, ``"newton"`` raises ``ValueError`` instead of falling back. Either way the draw is
+    exact to the floats' precision and its gradients are the exact solution's.
 
     Arguments:
         path: the :class:`GaussianPath` whose transition and first state it follows.
         correction: a :class:`PathCorrection`, or ``None`` for the prior's own flow.
+        solver: ``"auto"``, ``"newton"`` or ``"sequential"``.
     """
 
     bijective = True
     sign = +1
 
     def __init__(
-        self, path: GaussianPath, correction: PathCorrection | None = None, cache_size: int = 1
+        self,
+        path: GaussianPath,
+        correction: PathCorrection | None = None,
+        cache_size: int = 1,
+        solver: str = "auto",
     ) -> None:
         super().__init__(cache_size=cache_size)
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.path = path
         self.correction = correction
+        self.solver = solver
         self._event_dims = path.event_dim
 
     @property
@@ -285,7 +316,78 @@ class PathFlow(CachedTransform):
         return constraints.independent(constraints.real, self._event_dims)
 
     def _call_with_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """The draw, ``T`` steps, each the transition and a few fused multiply-adds; the
+        """The draw: by Newton's method over the whole path when it is long enough and
+        converges (:func:`~pyro_arflow.recurrences.solve_markov_recurrence`), else ``T``
+        steps."""
+        long_enough = self.path.num_steps >= PARALLEL_DRAW_MIN_STEPS
+        if self.solver == "newton" or (self.solver == "auto" and long_enough):
+            drawn = self._draw_by_newton(z)
+            if drawn is not None:
+                return drawn
+            if self.solver == "newton":
+                raise ValueError(
+                    f"the path's Newton solve did not converge in {NEWTON_MAX_ITERATIONS} "
+                    "iterations (a chaotic transition's linearization grows without bound "
+                    "over a long path); draw it with solver='auto', which falls back to T steps"
+                )
+        return self._draw_sequentially(z)
+
+    def _draw_by_newton(self, z: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The draw and its log-determinant, or ``None`` when Newton's method did not
+        converge."""
+        path, correction = self.path, self.correction
+        state_dims = len(path.state_shape)
+        noise = z.movedim(-self._event_dims, 0)  # (T, *batch, *state)
+        shape = noise.shape
+        steps = torch.arange(1, path.num_steps, device=z.device)
+        steps = steps.reshape((-1,) + (1,) * (len(shape) - 1))
+        mixing = None
+        if correction is not None:
+            noise = noise * correction.log_scale.exp()
+            mixing = correction.mixing()
+
+        def states(loc: Tensor, scale: Tensor, t: slice) -> Tensor:
+            """The states at times ``t`` after the prior's moments there."""
+            innovation = scale * noise[t]
+            if correction is None:
+                return loc + innovation
+            if mixing is not None:
+                innovation = (mixing[t] @ innovation.unsqueeze(-1)).squeeze(-1)
+            return correction.mean(loc, scale, t) + innovation
+
+        def step(previous: Tensor) -> tuple[Tensor, Tensor]:
+            loc, scale = path.step(previous, steps, validate=False)
+            scale = scale.expand(previous.shape)
+            return states(loc.expand(previous.shape), scale, slice(1, None)), scale
+
+        first_loc = path.initial_loc.expand(shape[1:]).unsqueeze(0)
+        first_scale = path.initial_scale.expand(shape[1:]).unsqueeze(0)
+        first = states(first_loc, first_scale, slice(0, 1))[0]
+        guess = path.initial_loc if correction is None else correction.reference
+        solved = solve_markov_recurrence(
+            step,
+            first,
+            guess.expand(shape),
+            vector_state=bool(state_dims),
+            max_iterations=(
+                NEWTON_MAX_ITERATIONS
+                if self.solver == "newton"
+                else min(NEWTON_MAX_ITERATIONS, max(4, path.num_steps // 8))
+            ),
+        )
+        if solved is None:
+            return None
+        x, later_scales, _ = solved
+        prior_scales = torch.cat((first_scale, later_scales))
+        path.check_scales(prior_scales)
+        log_sd = prior_scales.log()
+        if correction is not None:
+            log_sd = log_sd + correction.log_scale
+        log_det = _sum_state(log_sd, state_dims).sum(0)
+        return x.movedim(0, -self._event_dims), log_det.expand(shape[1 : len(shape) - state_dims])
+
+    def _draw_sequentially(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The draw in ``T`` steps, each the transition and a few fused multiply-adds; the
         scales are validated and logged once, after the loop."""
         path, time_dim, state_dims = self.path, -self._event_dims, len(self.path.state_shape)
         batch = z.shape[: z.dim() - self._event_dims]

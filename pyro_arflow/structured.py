@@ -220,8 +220,9 @@ class StructuredTransform(CachedTransform):
     flow, each path by its prior's corrected flow (module docstring). Bound to one call's
     model arguments.
 
-    ``_call`` draws (the paths in ``T`` steps each), ``_inverse`` scores a given latent vector
-    (each path in one pass); either way the model runs once, hidden from outer handlers.
+    ``_call`` draws (each path by :class:`~pyro_arflow.paths.PathFlow`), ``_inverse`` scores
+    a given latent vector (each path in one pass); either way the model runs once, hidden from
+    outer handlers.
     """
 
     domain = constraints.real_vector

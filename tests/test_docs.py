@@ -25,7 +25,15 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
     assert (tmp_path / "api.html").exists()
 
 
-EXTENSION_MODULES = ["ordering", "cached", "validation", "landing", "guides", "conditioners.masks"]
+EXTENSION_MODULES = [
+    "ordering",
+    "cached",
+    "validation",
+    "landing",
+    "guides",
+    "conditioners.masks",
+    "recurrences",
+]
 
 
 def public_names() -> list[tuple[str, object]]:

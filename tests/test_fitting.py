@@ -12,6 +12,7 @@ from pyro.infer.autoguide import AutoNormal
 
 import pyro_arflow as af
 from conftest import DEVICE
+from pyro_arflow import fitting
 from pyro_arflow.fitting import elbo_slope_bound
 
 DATA = torch.tensor([2.1, 1.4, 3.3, 2.8, 1.9, 2.5, 3.1, 2.2])
@@ -62,6 +63,45 @@ def test_fit_reports_divergence_by_step_and_restores_finite_parameters():
     assert result.diverged and result.status == f"diverged (step {result.steps + 1})"
     for name, value in pyro.get_param_store().items():
         assert torch.isfinite(value).all(), name
+
+
+@pytest.mark.parametrize(
+    "costs, chosen, timed",
+    [
+        ({4: 1.0, 8: 1.1, 16: 1.5, 32: 1.9}, 32, [4, 8, 16, 32]),
+        ({4: 1.0, 8: 1.2, 16: 1.9, 32: 3.0}, 16, [4, 8, 16, 32]),
+        ({4: 1.0, 8: 2.5, 16: 5.0, 32: 10.0}, 4, [4, 8]),  # a costly model: 16, 32 never run
+    ],
+)
+def test_auto_particles_take_the_most_that_cost_at_most_twice_the_fewest(
+    monkeypatch, costs, chosen, timed
+):
+    calls = []
+
+    def seconds(model, guide, args, kwargs, particles):
+        calls.append(particles)
+        return costs[particles]
+
+    monkeypatch.setattr(fitting, "_gradient_seconds", seconds)
+    assert fitting._affordable_particles(conjugate_model, None, (DATA,), {}) == chosen
+    assert calls == timed
+
+
+def test_auto_particles_are_timed_without_leaving_gradients_and_reported():
+    guide = AutoNormal(conjugate_model)
+    result = af.fit(conjugate_model, guide, DATA, max_steps=5, progress=False)
+    assert result.num_particles in fitting.PARTICLE_CHOICES
+    guide(DATA)
+    fitting._gradient_seconds(conjugate_model, guide, (DATA,), {}, 4)
+    for name, value in pyro.get_param_store().named_parameters():
+        assert value.grad is None or not value.grad.any(), name
+    given = af.fit(conjugate_model, guide, DATA, max_steps=5, num_particles=3, progress=False)
+    assert given.num_particles == 3
+    renyi = pyro.infer.RenyiELBO(alpha=0.5, num_particles=2)
+    assert (
+        af.fit(conjugate_model, guide, DATA, max_steps=5, loss=renyi, progress=False).num_particles
+        == 2
+    )
 
 
 def test_elbo_slope_bound_tells_climbing_from_flat():

@@ -12,9 +12,10 @@ from pyro.infer import Predictive
 from pyro.infer.autoguide.initialization import init_to_sample
 
 import pyro_arflow as af
-from pyro_arflow.paths import PathFlow
+from pyro_arflow.paths import PathCorrection, PathFlow
 
 T = 7
+DOUBLE = torch.float64
 
 
 def ar1(phi: float = 0.8, sigma: float = 0.5, steps: int = T) -> af.GaussianPath:
@@ -150,9 +151,104 @@ def test_bad_paths_raise_value_errors(transition, initial, steps, message):
         af.GaussianPath(transition, initial, steps)
 
 
-def test_a_scale_that_turns_non_positive_later_is_caught_when_scored_and_drawn():
-    path = af.GaussianPath(lambda x, t: (x, 1.0 - 0.5 * t), dist.Normal(0.0, 1.0), 4)
+@pytest.mark.parametrize("steps", [4, 100])  # drawn in steps, then by Newton's method
+def test_a_scale_that_turns_non_positive_later_is_caught_when_scored_and_drawn(steps):
+    path = af.GaussianPath(lambda x, t: (x, 1.0 - 2 * t / steps), dist.Normal(0.0, 1.0), steps)
     with pytest.raises(ValueError, match="not > 0"):
-        path.log_prob(torch.zeros(4))
+        path.log_prob(torch.zeros(steps))
     with pytest.raises(ValueError, match="not > 0"):
         path.sample()
+
+
+def random_correction(path: af.GaussianPath, batch: int, seed: int) -> PathCorrection:
+    """Nonzero shifts, log scales, mixes (and within-step mixing for vector states)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (path.num_steps, batch, *path.state_shape)
+    matrix = shape + path.state_shape[-1:] if path.state_shape else shape
+
+    def noise(size, scale):
+        return (scale * torch.randn(size, generator=generator, dtype=DOUBLE)).requires_grad_()
+
+    return PathCorrection(
+        shift=noise(shape, 0.3),
+        mix=noise(matrix, 0.2),
+        log_scale=noise(shape, 0.2),
+        reference=torch.randn(shape, generator=generator, dtype=DOUBLE),
+        lower=noise(matrix, 0.3) if path.state_shape else None,
+    )
+
+
+def swinging_path(steps: int) -> tuple[af.GaussianPath, list[torch.Tensor]]:
+    """Scalar states with a nonlinear mean and a scale that reads the state."""
+    gain = torch.tensor(0.8, dtype=DOUBLE, requires_grad=True)
+    spread = torch.tensor(0.3, dtype=DOUBLE, requires_grad=True)
+
+    def transition(x, t):
+        return gain * torch.sin(x) + 0.05 * t, spread * (1.2 + torch.tanh(x))
+
+    return af.GaussianPath(transition, dist.Normal(torch.tensor(0.5, dtype=DOUBLE), 1.0), steps), [
+        gain,
+        spread,
+    ]
+
+
+def rotating_path(steps: int) -> tuple[af.GaussianPath, list[torch.Tensor]]:
+    """Vector states: a damped rotation with a nonlinear pull, and a learnable start."""
+    angle = torch.tensor(0.3, dtype=DOUBLE, requires_grad=True)
+    start = torch.tensor([1.0, -0.5], dtype=DOUBLE, requires_grad=True)
+
+    def transition(x, t):
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotated = torch.stack(
+            [cos * x[..., 0] - sin * x[..., 1], sin * x[..., 0] + cos * x[..., 1]]
+        )
+        return 0.9 * rotated.movedim(0, -1) - 0.05 * x**3 / (1 + x**2), 0.4
+
+    return af.GaussianPath(transition, dist.Normal(start, 0.5).to_event(1), steps), [angle, start]
+
+
+@pytest.mark.parametrize("make_path", [swinging_path, rotating_path])
+@pytest.mark.parametrize("corrected", [False, True])
+def test_the_newton_draw_is_the_sequential_draw_with_its_gradients(make_path, corrected):
+    path, parameters = make_path(70)
+    batch = 3
+    correction = random_correction(path, batch, seed=5) if corrected else None
+    if correction is not None:
+        parameters = parameters + [correction.shift, correction.mix, correction.log_scale]
+        if correction.lower is not None:
+            parameters.append(correction.lower)
+    z = torch.randn(
+        (batch, *path.event_shape), dtype=DOUBLE, generator=torch.Generator().manual_seed(6)
+    )
+    z.requires_grad_()
+    draws = {}
+    for solver in ("sequential", "newton"):
+        x, log_det = PathFlow(path, correction, solver=solver)._call_with_log_det(z)
+        loss = (torch.sin(x)).sum() + log_det.sum()
+        draws[solver] = (x, log_det, torch.autograd.grad(loss, parameters + [z], retain_graph=True))
+    (x, log_det, grads), (x_n, log_det_n, grads_n) = draws["sequential"], draws["newton"]
+    assert torch.allclose(x_n, x, atol=1e-9)
+    assert torch.allclose(log_det_n, log_det, atol=1e-9)
+    for newton, exact in zip(grads_n, grads, strict=True):
+        assert torch.allclose(newton, exact, atol=1e-7)
+
+
+def test_a_chaotic_path_falls_back_to_steps_and_newton_alone_says_why():
+    """x_t = 3 sin(x_{t-1}) + noise: the linearization's products grow without bound."""
+    path = af.GaussianPath(lambda x, t: (3.0 * torch.sin(x), 0.5), dist.Normal(0.0, 1.0), 300)
+    z = torch.randn(2, 300)
+    stepped = PathFlow(path, solver="sequential")(z)
+    assert torch.equal(PathFlow(path)(z), stepped)
+    with pytest.raises(ValueError, match="did not converge"):
+        PathFlow(path, solver="newton")(z)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        PathFlow(path, solver="scan")
+
+
+def test_a_long_path_draws_exactly_the_stationary_ar1_in_one_newton_iteration():
+    path = ar1(phi=0.95, steps=500)
+    z = torch.randn(4, 500, dtype=DOUBLE)
+    x = PathFlow(path, solver="newton")(z)
+    # the draw's noise is recovered exactly by the one-pass inverse
+    assert torch.allclose(PathFlow(path).inv(x), z, atol=1e-9)
+    assert torch.allclose(path.log_prob(x), path.as_flow().log_prob(x), atol=1e-9)

@@ -59,7 +59,8 @@ def test_without_a_linear_autoregression_the_marginals_are_exact():
 
 def funnel() -> None:
     log_scale = pyro.sample("log_scale", dist.Normal(torch.tensor(0.0, device=DEVICE), 3.0))
-    pyro.sample("x", dist.Normal(torch.zeros(4, device=DEVICE), log_scale.exp()).to_event(1))
+    scale = log_scale.exp().unsqueeze(-1)  # one per vectorized particle
+    pyro.sample("x", dist.Normal(torch.zeros(4, device=DEVICE), scale).to_event(1))
 
 
 def path_model() -> None:

@@ -133,9 +133,14 @@ def per_draw(values: dict[str, torch.Tensor], draws: int) -> dict[str, torch.Ten
 def fit_columns(
     fit: af.FitResult, model: Callable, guide: Callable, data: tuple, draws: int
 ) -> dict[str, Any]:
-    """The columns every guide's row starts with: steps and how training ended, then (unless it
-    diverged, leaving nothing to score) seconds, ELBO and k-hat."""
-    columns: dict[str, Any] = {"steps": fit.steps, "converged": fit.status}
+    """The columns every guide's row starts with: steps, how training ended and the ELBO
+    particles per step ``fit`` chose, then (unless it diverged, leaving nothing to score)
+    seconds, ELBO and k-hat."""
+    columns: dict[str, Any] = {
+        "steps": fit.steps,
+        "converged": fit.status,
+        "particles": fit.num_particles,
+    }
     if not fit.diverged:
         columns["seconds"] = fit.seconds
         columns["ELBO"] = elbo_estimate(model, guide, data)
