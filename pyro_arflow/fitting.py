@@ -335,7 +335,9 @@ def _gradient_seconds(
     for _ in range(4):
         with poutine.trace(param_only=True) as parameters:
             begin = time.perf_counter()
-            loss.differentiable_loss(model, guide, *args, **kwargs).backward()
+            value = loss.differentiable_loss(model, guide, *args, **kwargs)
+            if value.requires_grad:  # a guide with nothing to train has no backward pass
+                value.backward()
             if torch.cuda.is_initialized():
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - begin)
