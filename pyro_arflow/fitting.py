@@ -61,6 +61,7 @@ from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
 from ._checks import check_positive_int
+from ._model_checks import rng_state_kept
 from .guides import AutoARFlow
 from .warm_start import LaplaceApproximation, laplace_warm_start
 
@@ -317,13 +318,15 @@ most this many times the fewest's."""
 def _affordable_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """The most of :data:`PARTICLE_CHOICES` whose ELBO gradient takes at most
     :data:`PARTICLE_COST_LIMIT` times as long as the fewest's (each the median of three
-    timings after a warm-up; the gradients are discarded)."""
+    timings after a warm-up; the gradients are discarded, and the random state is put back,
+    so that training draws what it would with the count given by hand)."""
     chosen, *more = PARTICLE_CHOICES
-    budget = PARTICLE_COST_LIMIT * _gradient_seconds(model, guide, args, kwargs, chosen)
-    for count in more:  # upwards, so that a costly model is timed at few particles only
-        if _gradient_seconds(model, guide, args, kwargs, count) > budget:
-            break
-        chosen = count
+    with rng_state_kept():
+        budget = PARTICLE_COST_LIMIT * _gradient_seconds(model, guide, args, kwargs, chosen)
+        for count in more:  # upwards, so that a costly model is timed at few particles only
+            if _gradient_seconds(model, guide, args, kwargs, count) > budget:
+                break
+            chosen = count
     return chosen
 
 

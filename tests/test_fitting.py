@@ -87,6 +87,26 @@ def test_auto_particles_take_the_most_that_cost_at_most_twice_the_fewest(
     assert calls == timed
 
 
+def test_auto_particles_train_as_the_same_count_given_by_hand():
+    """Timing draws from the guide; the random state is put back, so a seeded fit is the
+    same whether its count was chosen or given."""
+    traces = []
+    for particles in ("auto", None):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        count = particles if particles == "auto" else traces[0][1]
+        result = af.fit(
+            conjugate_model,
+            AutoNormal(conjugate_model),
+            DATA,
+            max_steps=30,
+            num_particles=count,
+            progress=False,
+        )
+        traces.append((result.elbo, result.num_particles))
+    assert traces[0] == traces[1]
+
+
 def test_auto_particles_are_timed_without_leaving_gradients_and_reported():
     guide = AutoNormal(conjugate_model)
     result = af.fit(conjugate_model, guide, DATA, max_steps=5, progress=False)
