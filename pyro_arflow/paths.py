@@ -380,16 +380,13 @@ class PathFlow(CachedTransform):
         x, later_scales, _ = solved
         prior_scales = torch.cat((first_scale, later_scales))
         path.check_scales(prior_scales)
-        log_sd = prior_scales.log()
-        if correction is not None:
-            log_sd = log_sd + correction.log_scale
-        log_det = _sum_state(log_sd, state_dims).sum(0)
-        return x.movedim(0, -self._event_dims), log_det.expand(shape[1 : len(shape) - state_dims])
+        batch = shape[1 : len(shape) - state_dims]
+        return x.movedim(0, -self._event_dims), self._log_det_of(prior_scales, batch)
 
     def _draw_sequentially(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """The draw in ``T`` steps, each the transition and a few fused multiply-adds; the
         scales are validated and logged once, after the loop."""
-        path, time_dim, state_dims = self.path, -self._event_dims, len(self.path.state_shape)
+        path, time_dim = self.path, -self._event_dims
         batch = z.shape[: z.dim() - self._event_dims]
         state = path.state_shape
         correction = self.correction
@@ -423,16 +420,11 @@ class PathFlow(CachedTransform):
         scales = [scale.expand(batch + state) for scale in scales]
         prior_scales = torch.stack(scales)  # (T, *batch, *state)
         path.check_scales(prior_scales)
-        log_sd = prior_scales.log()
-        if correction is not None:
-            log_sd = log_sd + correction.log_scale
-        log_det = _sum_state(log_sd, state_dims).sum(0)
-        return torch.stack(states, dim=time_dim), log_det.expand(batch)
+        return torch.stack(states, dim=time_dim), self._log_det_of(prior_scales, batch)
 
     def _inverse_with_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         loc, scale = self.path.prior_moments(x)
         by_time = x.movedim(-self._event_dims, 0)
-        log_sd = scale.log()
         if self.correction is None:
             noise = (by_time - loc) / scale
         else:
@@ -443,10 +435,16 @@ class PathFlow(CachedTransform):
                     mixing, innovation.unsqueeze(-1), upper=False, unitriangular=True
                 ).squeeze(-1)
             noise = innovation / (scale * self.correction.log_scale.exp())
-            log_sd = log_sd + self.correction.log_scale
-        log_det = _sum_state(log_sd, len(self.path.state_shape)).sum(0)
         z = noise.movedim(0, -self._event_dims)
-        return z, log_det.expand(x.shape[: x.dim() - self._event_dims])
+        return z, self._log_det_of(scale, x.shape[: x.dim() - self._event_dims])
+
+    def _log_det_of(self, prior_scales: Tensor, batch: Size) -> Tensor:
+        r""":math:`\sum_t \log \sigma_t` from the prior's scales along a path (time first):
+        the correction's log scales added, summed over time and state, one per batch member."""
+        log_sd = prior_scales.log()
+        if self.correction is not None:
+            log_sd = log_sd + self.correction.log_scale
+        return _sum_state(log_sd, len(self.path.state_shape)).sum(0).expand(batch)
 
     def _log_det(self, z: Tensor, x: Tensor) -> Tensor:
         return self._inverse_with_log_det(x)[1]
