@@ -9,6 +9,7 @@ from .distributions import GaussianAutoregressive
 from .fitting import FitResult, fit
 from .guides import AutoARFlow
 from .linear import LinearAutoregression, linear_autoregression
+from .path_laplace import PathLaplaceApproximation
 from .paths import GaussianPath
 from .priors import FlowPrior
 from .registry import available_flows, build_flow, get_flow, register_flow
@@ -26,7 +27,7 @@ from .transforms import (
 from .validation import flush_finite_checks
 from .warm_start import LaplaceApproximation, laplace_warm_start
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "IAF",
@@ -42,6 +43,7 @@ __all__ = [
     "LaplaceApproximation",
     "LinearAutoregression",
     "MaskedConditioner",
+    "PathLaplaceApproximation",
     "Permutation",
     "available_flows",
     "build_flow",

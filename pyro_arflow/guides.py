@@ -117,8 +117,11 @@ class AutoARFlow(AutoContinuous):
             its prior's flow plus a learned residual that reads the other latents (the
             globals, drawn first by the flow); ``"flat"``: every latent goes into the flow.
             A model without such sites gets the flow alone either way. A path's residual
-            starts at zero: the guide's law of the path starts as the prior's at the initial
-            globals, whatever ``init_loc_fn`` says of the path.
+            starts at zero: as built, the guide's law of the path is the prior's at the
+            initial globals, whatever ``init_loc_fn`` says of the path;
+            :func:`~pyro_arflow.fit` (by default) and
+            :func:`~pyro_arflow.laplace_warm_start` then set it to the path's Laplace
+            approximation given those globals.
         path_hidden_dim: width of the ``tanh`` layer through which each path's residual
             reads the globals (0: linearly).
         sticking_the_landing: drop the score term of the latents the flow draws (all of a

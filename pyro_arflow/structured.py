@@ -20,8 +20,10 @@ strictly lower triangular mixing within a step (vector states),
 :math:`r` the prior's noise-free path at the initial globals :math:`\theta_0`, and :math:`W` a
 small network (one ``tanh`` layer). The residual reads the globals (the context), so the path
 widens and narrows with them, and :math:`g_t` already does: the funnel between a path and its
-scale is built in. Every correction starts at zero, so the guide's law of the path given the
-globals starts as the prior's; ``init_loc_fn`` places the globals. This is the ASVI family of
+scale is built in. Every correction starts at zero, so as built the guide's law of the path
+given the globals is the prior's; ``init_loc_fn`` places the globals, and the Laplace warm
+start (:mod:`pyro_arflow.path_laplace`, ``fit``'s default) sets the corrections to each path's
+Laplace approximation given them. This is the ASVI family of
 Ambrogioni et al. 2021 (https://arxiv.org/abs/2002.00643) as a flow, with the globals first.
 Given the globals, it holds the exact posterior of a linear-Gaussian path (its conditionals
 are Gaussian, with means linear in the previous state).
@@ -129,6 +131,13 @@ def bounded_mix(raw: Tensor) -> Tensor:
     within 150 Adam steps at lr 1e-2.)"""
     low, high = MIX_BOUNDS
     return torch.where(raw < 0, -low * torch.tanh(raw), high * torch.tanh(raw / high))
+
+
+def bounded_mix_inverse(mix: Tensor) -> Tensor:
+    """The free parameter of a mix strictly inside :data:`MIX_BOUNDS` (:func:`bounded_mix`'s
+    inverse)."""
+    low, high = MIX_BOUNDS
+    return torch.where(mix < 0, torch.atanh(mix / -low), high * torch.atanh(mix / high))
 
 
 @dataclass(frozen=True)

@@ -24,18 +24,17 @@ warm start says so rather than start there.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pyro import poutine
 from torch import Tensor
-from torch.distributions import biject_to
 
 from ._checks import check_positive_int
+from ._laplace import NEWTON_STEPS, NO_MODE, find_mode, log_density
 from .linear import LinearAutoregression
+from .path_laplace import PathLaplaceApproximation, path_laplace_warm_start
 
 __all__ = ["LaplaceApproximation", "laplace_warm_start"]
 
@@ -72,19 +71,24 @@ class LaplaceApproximation:
 
 def laplace_warm_start(
     model: Callable, guide: Any, *args: Any, max_iterations: int = 500, **kwargs: Any
-) -> LaplaceApproximation:
-    """Put an :class:`~pyro_arflow.AutoARFlow` without latent paths at the model's Laplace
-    approximation (module docstring): ``loc`` at the mode, ``scale`` and the first dense
-    :class:`~pyro_arflow.LinearAutoregression` of its flow at the Hessian's factors.
+) -> LaplaceApproximation | PathLaplaceApproximation:
+    """Put an :class:`~pyro_arflow.AutoARFlow` at the model's Laplace approximation.
+
+    Without latent paths (module docstring): ``loc`` at the mode, ``scale`` and the first
+    dense :class:`~pyro_arflow.LinearAutoregression` of its flow at the Hessian's factors;
+    returns a :class:`LaplaceApproximation`. With paths (:mod:`pyro_arflow.path_laplace`): the
+    globals stay at the guide's initial point, and each path's residual is set so that the
+    guide's law of the paths given those globals is their Laplace approximation; returns a
+    :class:`~pyro_arflow.path_laplace.PathLaplaceApproximation`.
 
     Arguments:
         model, guide: the model and a guide that has not trained yet (its IAF layers at the
             identity, as built); ``*args`` and ``**kwargs`` are the model's arguments.
         max_iterations: most L-BFGS iterations to the mode.
 
-    Raises ``ValueError`` for a guide with latent paths (their law is the prior's flow, not
-    ``loc`` and ``scale``), a log density that is not finite at the start, and a mode whose
-    Hessian is not positive definite.
+    Raises ``ValueError`` for a log density that is not finite at the start, a mode whose
+    Hessian is not positive definite, and (paths) a Hessian that is not block tridiagonal in
+    time: a likelihood that couples a path's states further apart than neighbours.
 
     Example::
 
@@ -100,25 +104,14 @@ def laplace_warm_start(
     if guide.prototype_trace is None:
         guide._setup_prototype(*args, **kwargs)
     if guide._has_paths():
-        raise ValueError(
-            "laplace_warm_start needs a guide without latent paths: a GaussianPath site is "
-            "drawn by its prior's flow, not by loc and scale; build the guide with "
-            "paths='flat', or train it from the prior as it starts"
-        )
+        return path_laplace_warm_start(model, guide, args, kwargs, max_iterations)
     with torch.no_grad():
         start = guide.loc.detach().clone()
 
     def negative_log_density(latent: Tensor) -> Tensor:
-        return -_log_density(model, guide, latent, args, kwargs)
+        return -log_density(model, guide, latent, args, kwargs)
 
-    if not math.isfinite(float(negative_log_density(start))):
-        raise ValueError("the model's log density is not finite at the guide's initial point")
-    try:
-        mode, iterations = _mode(negative_log_density, start, max_iterations)
-    except ValueError as error:  # the model's validation met a value past the search's reach
-        raise ValueError(f"L-BFGS found no mode: {NO_MODE} (the model said: {error})") from None
-    if not bool(torch.isfinite(mode).all()):
-        raise ValueError(f"L-BFGS found no mode: {NO_MODE}")
+    mode, iterations = find_mode(negative_log_density, start, max_iterations)
     precision = _hessian(negative_log_density, mode)
     for _ in range(NEWTON_STEPS):  # L-BFGS stops on small changes; Newton polishes the mode
         gradient = torch.func.grad(negative_log_density)(mode)
@@ -132,14 +125,6 @@ def laplace_warm_start(
     return found
 
 
-NO_MODE = (
-    "the model's log density has no proper mode (a funnel, an unbounded direction); start "
-    "the guide as it is built instead"
-)
-NEWTON_STEPS = 2
-"""Newton steps after L-BFGS: exact for a Gaussian, quadratic convergence otherwise."""
-
-
 def _hessian(negative_log_density: Callable[[Tensor], Tensor], mode: Tensor) -> Tensor:
     """The symmetrized Hessian at ``mode``; ``ValueError`` unless it is finite and positive
     definite."""
@@ -148,39 +133,6 @@ def _hessian(negative_log_density: Callable[[Tensor], Tensor], mode: Tensor) -> 
     if not bool(torch.isfinite(precision).all()) or torch.linalg.cholesky_ex(precision).info:
         raise ValueError(f"the Hessian at the mode is not positive definite: {NO_MODE}")
     return precision
-
-
-def _log_density(model: Callable, guide: Any, latent: Tensor, args: tuple, kwargs: dict) -> Tensor:
-    """The model's joint log density at the unconstrained ``latent``, plus the log-Jacobian
-    of the map to the constrained values."""
-    values = guide._constrain(latent)
-    log_jacobian = latent.new_zeros(())
-    for slot in guide._slots:
-        piece = latent[slot.start : slot.start + slot.size].reshape(slot.unconstrained_shape)
-        transform = biject_to(slot.support)
-        log_jacobian = log_jacobian + transform.log_abs_det_jacobian(piece, values[slot.name]).sum()
-    with poutine.block():
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
-    return trace.log_prob_sum() + log_jacobian
-
-
-def _mode(
-    negative_log_density: Callable[[Tensor], Tensor], start: Tensor, max_iterations: int
-) -> tuple[Tensor, int]:
-    latent = start.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [latent], max_iter=max_iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        value = negative_log_density(latent)
-        value.backward()
-        return value
-
-    optimizer.step(closure)
-    iterations = optimizer.state[optimizer._params[0]].get("n_iter", 0)
-    return latent.detach(), int(iterations)
 
 
 def _set_gaussian(guide: Any, found: LaplaceApproximation) -> None:

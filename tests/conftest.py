@@ -22,6 +22,15 @@ CONDITIONERS = ["masked", "lstm"]
 SMALL_NET = {"masked": {"hidden_dims": [16, 16]}, "lstm": {"hidden_size": 8}}
 
 
+@pytest.fixture
+def float64():
+    """Exact comparisons (Jacobians, densities) in double precision, for the test's duration."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def perturb(module: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:
     """Move every parameter away from its (identity) initialization, reproducibly."""
     generator = torch.Generator().manual_seed(seed)

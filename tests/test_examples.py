@@ -87,3 +87,16 @@ def test_volatility_benchmark_takes_a_long_path_with_the_guides_that_fit_there(t
     rows = table_rows(tmp_path / "quality_stochastic_volatility_T600.md")
     assert "AutoNormal" in rows and "AutoARFlow (prior-structured)" in rows
     assert "AutoMultivariateNormal" not in rows  # a 603 x 603 Cholesky factor is not offered
+
+
+def test_warm_start_study_compares_both_starts_on_every_model(tmp_path):
+    run("benchmarks/quality/warm_start.py", "--steps", "15", "--draws", "200", out=tmp_path)
+    rows = table_rows(tmp_path / "quality_warm_start.md")
+    assert rows.count("Lorenz bridge") == 2 and rows.count("Nile local level") == 2
+
+
+def test_seed_study_writes_one_row_per_fit_and_the_spread(tmp_path):
+    arguments = ["--seeds", "2", "--steps", "15", "--draws", "200"]
+    run("benchmarks/quality/seeds.py", *arguments, out=tmp_path)
+    rows = table_rows(tmp_path / "quality_seeds.md")
+    assert rows.count("volatility (T=200)") == 6 and rows.count("Lorenz bridge") == 6

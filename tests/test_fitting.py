@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pyro
 import pyro.distributions as dist
@@ -179,3 +180,85 @@ def test_sticking_the_landing_follows_fits_schedule_and_the_guide_keeps_its_own(
         af.fit(model, guide, sticking_the_landing=True)
     with pytest.raises(ValueError, match="needs an AutoARFlow guide"):
         af.fit(model, AutoNormal(model), sticking_the_landing="always")
+
+
+def correlated_model(correlation: float):
+    covariance = torch.tensor([[1.0, correlation], [correlation, 1.0]], device=DEVICE)
+    pyro.sample("x", dist.MultivariateNormal(torch.zeros(2, device=DEVICE), covariance))
+
+
+CORRELATED = partial(correlated_model, 0.9)
+
+
+def mean_field_fit(schedule: str) -> tuple[af.FitResult, torch.Tensor]:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    result = af.fit(
+        CORRELATED, AutoNormal(CORRELATED), mass_covering=schedule, num_particles=32, progress=False
+    )
+    assert result.converged
+    return result, pyro.param("AutoNormal.scales.x").detach()
+
+
+def test_the_renyi_bound_after_the_first_plateau_widens_a_mean_field_guide():
+    """Mean field on a correlated Gaussian (rho = 0.9): the reverse KL's optimum has the
+    conditional sds, sqrt(1 - rho^2) = 0.44; the Rényi bound of order 1/2 moves them toward the
+    marginal sds (1), as it weighs each particle by the square root of its importance weight."""
+    kl, kl_scales = mean_field_fit("never")
+    assert kl.mass_covering_from is None
+    conditional_sd = (1 - 0.9**2) ** 0.5
+    torch.testing.assert_close(
+        kl_scales, torch.full_like(kl_scales, conditional_sd), rtol=0.02, atol=0
+    )
+    renyi, renyi_scales = mean_field_fit("after the first plateau")
+    assert 1000 < renyi.mass_covering_from < renyi.flat_at  # from the first plateau's end
+    assert bool((renyi_scales > 1.15 * conditional_sd).all()), renyi_scales
+
+
+def path_model():
+    path = af.GaussianPath(lambda x, t: (x, 1.0), dist.Normal(0.0, 1.0), 4)
+    pyro.sample("x", path)
+
+
+def test_auto_takes_the_renyi_bound_for_guides_with_paths_only():
+    with_paths = af.AutoARFlow(path_model)
+    with_paths._setup_prototype()
+    flat = af.AutoARFlow(path_model, paths="flat")
+    flat._setup_prototype()
+    schedule = fitting._mass_covering_schedule
+    assert schedule(with_paths, "auto") == "after the first plateau"
+    assert schedule(flat, "auto") == schedule(AutoNormal(path_model), "auto") == "never"
+    assert schedule(flat, "after the first plateau") == "after the first plateau"
+    given = af.fit(
+        CORRELATED,
+        AutoNormal(CORRELATED),
+        loss=pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True),
+        mass_covering="after the first plateau",
+        progress=False,
+    )
+    assert given.converged and given.mass_covering_from is None  # a given loss throughout
+    with pytest.raises(ValueError, match="mass_covering must be one of"):
+        af.fit(CORRELATED, AutoNormal(CORRELATED), mass_covering="always")
+
+
+class _FailingRenyi(pyro.infer.RenyiELBO):
+    """A Rényi bound whose every step fails, as a diverging one does."""
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        raise ValueError("Expected parameter scale to satisfy the constraint GreaterThan")
+
+
+def test_a_diverging_renyi_phase_goes_back_to_the_kl(monkeypatch):
+    monkeypatch.setattr(fitting, "RenyiELBO", _FailingRenyi)
+    pyro.set_rng_seed(0)
+    with pytest.warns(RuntimeWarning, match="training goes on under the KL"):
+        result = af.fit(
+            CORRELATED,
+            AutoNormal(CORRELATED),
+            mass_covering="after the first plateau",
+            num_particles=8,
+            progress=False,
+        )
+    assert result.converged and not result.diverged
+    assert result.mass_covering_until == result.mass_covering_from  # its first step failed
+    assert all(math.isfinite(value) for value in result.elbo)

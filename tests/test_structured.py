@@ -19,14 +19,7 @@ import pyro_arflow as af
 from conftest import perturb
 from pyro_arflow.structured import StructuredTransform
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    """Exact comparisons (Jacobians, densities) in double precision."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 T = 5

@@ -1,5 +1,5 @@
 """The Laplace warm start lands on a Gaussian model's exact posterior before any flow step, is
-refused where it cannot hold, and is fit's default for fresh guides without paths."""
+refused where it cannot hold, and is fit's default for fresh guides (paths: test_path_laplace)."""
 
 from __future__ import annotations
 
@@ -63,16 +63,9 @@ def funnel() -> None:
     pyro.sample("x", dist.Normal(torch.zeros(4, device=DEVICE), scale).to_event(1))
 
 
-def path_model() -> None:
-    shock = pyro.sample("shock", dist.HalfNormal(torch.tensor(1.0, device=DEVICE)))
-    pyro.sample("h", af.GaussianPath(lambda h, t: (h, shock), dist.Normal(0.0, shock), 5))
-
-
-def test_refused_without_a_mode_and_for_latent_paths():
+def test_refused_without_a_mode():
     with pytest.raises(ValueError, match="no proper mode"):
         af.laplace_warm_start(funnel, af.AutoARFlow(funnel, hidden_dims=[8]))
-    with pytest.raises(ValueError, match="needs a guide without latent paths"):
-        af.laplace_warm_start(path_model, af.AutoARFlow(path_model))
     with pytest.raises(ValueError, match="warm_start=True needs an AutoARFlow"):
         af.fit(gaussian_model, pyro.infer.autoguide.AutoNormal(gaussian_model), warm_start=True)
 

@@ -202,7 +202,7 @@ def comparison_guides(
 
     All start from ``init_loc_fn`` but Pyro's ``AutoIAFNormal``, which ignores it (it starts
     at N(0, I) in the unconstrained space), and the prior-structured guide's path, which
-    starts as the prior.
+    ``af.fit`` starts at its Laplace approximation given the initial globals.
     """
     return {
         "AutoNormal": lambda: AutoNormal(model, init_loc_fn=init_loc_fn),

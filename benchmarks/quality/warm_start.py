@@ -1,22 +1,39 @@
 """The Gaussian warm start: ``fit`` from the Laplace approximation against ``fit`` from the
-guide as built, on models without latent paths.
+guide as built, on models without latent paths and on the latent-path benchmarks.
 
     python benchmarks/quality/warm_start.py [--steps N] [--seed S] [--out DIR] [--draws N]
 
-Models: Bayesian logistic regression (25 weights, 500 points, simulated), whose posterior is
-close to Gaussian, and a banana (a Gaussian in x, y | x ~ N(x^2 / 2, 0.5^2)), whose posterior is
-not. Guide: the default ``AutoARFlow``. Rows: how training ended, steps, seconds, the ELBO and
-the median PSIS k-hat; and the ELBO after 100 steps, the "first steps" a user sees.
+Models without paths: Bayesian logistic regression (25 weights, 500 points, simulated), whose
+posterior is close to Gaussian, and a banana (a Gaussian in x, y | x ~ N(x^2 / 2, 0.5^2)),
+whose posterior is not; the Laplace approximation is the joint one. With paths, the
+prior-structured guide on the Lorenz-63 bridge, the Nile local level and the volatility model
+(T = 200), warm-started at each path's Laplace approximation given the initial globals, or
+started as built (the prior's free path); these are scored against their NUTS references too.
+Guide: the default ``AutoARFlow``. Rows: how training ended, steps, seconds, the ELBO and the
+median PSIS k-hat; and the ELBO after 100 steps, the "first steps" a user sees.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import local_level
+import lorenz_bridge
 import pyro
 import pyro.distributions as dist
+import stochastic_volatility
 import torch
-from _study import elbo_estimate, khat_median, parse_args, print_table, seed_everything
+from _study import (
+    elbo_estimate,
+    guide_draws,
+    khat_median,
+    parse_args,
+    posterior_error,
+    print_table,
+    seed_everything,
+)
 
 import pyro_arflow as af
 
@@ -39,7 +56,18 @@ def banana() -> None:
     pyro.sample("y", dist.Normal(x**2 / 2, 0.5))
 
 
-MODELS: dict[str, Callable[[], None]] = {"logistic regression": regression, "banana": banana}
+MODELS: dict[str, tuple[Callable, tuple, Path | None]] = {
+    "logistic regression": (regression, (), None),
+    "banana": (banana, (), None),
+    "Lorenz bridge": (lorenz_bridge.model, (lorenz_bridge.simulate()[1],), lorenz_bridge.REFERENCE),
+    "Nile local level": (local_level.model, (local_level.FLOW,), local_level.REFERENCE),
+    "volatility (T=200)": (
+        stochastic_volatility.model,
+        (stochastic_volatility.simulate(stochastic_volatility.REFERENCE_LENGTH)[1],),
+        stochastic_volatility.REFERENCE,
+    ),
+}
+"""name: (model, its arguments, its NUTS reference or None)."""
 FIRST_STEPS = 100
 
 
@@ -51,27 +79,32 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         options={"--draws": (4000, "guide draws for each k-hat")},
     )
     rows = []
-    for model_name, model in MODELS.items():
+    for model_name, (model, data, reference) in MODELS.items():
         for warm in (True, False):
             seed_everything(args.seed)
             guide = af.AutoARFlow(model)
-            af.fit(model, guide, max_steps=FIRST_STEPS, warm_start=warm, progress=False)
-            first_elbo = elbo_estimate(model, guide, ())
+            af.fit(model, guide, *data, max_steps=FIRST_STEPS, warm_start=warm, progress=False)
+            first_elbo = elbo_estimate(model, guide, data)
             seed_everything(args.seed)
             guide = af.AutoARFlow(model)
-            fit = af.fit(model, guide, max_steps=args.steps, warm_start=warm, progress=False)
-            rows.append(
-                {
-                    "model": model_name,
-                    "start": "Laplace" if warm else "as built",
-                    f"ELBO after {FIRST_STEPS} steps": first_elbo,
-                    "steps": fit.steps,
-                    "converged": fit.status,
-                    "seconds": fit.seconds,
-                    "ELBO": elbo_estimate(model, guide, ()),
-                    "PSIS k-hat (median of 5)": khat_median(model, guide, (), args.draws),
-                }
-            )
+            fit = af.fit(model, guide, *data, max_steps=args.steps, warm_start=warm, progress=False)
+            row = {
+                "model": model_name,
+                "start": "Laplace" if warm else "as built",
+                f"ELBO after {FIRST_STEPS} steps": first_elbo,
+                "steps": fit.steps,
+                "converged": fit.status,
+                "seconds": fit.seconds,
+                "ELBO": elbo_estimate(model, guide, data),
+                "PSIS k-hat (median of 5)": khat_median(model, guide, data, args.draws),
+            }
+            if reference is not None:
+                summary = json.loads(reference.read_text())
+                sites = [name for name in summary if name != "settings"]
+                draws = guide_draws(model, guide, data, args.draws, sites)
+                error, log_sd = posterior_error(draws, summary, sites)
+                row.update({"mean err (sd)": error, "log-sd err": log_sd})
+            rows.append(row)
             print(rows[-1], flush=True)
     print_table(
         f"The Laplace warm start, default AutoARFlow trained by af.fit (at most {args.steps} "

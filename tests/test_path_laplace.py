@@ -1,0 +1,229 @@
+"""The paths' Laplace warm start: its block algebra against dense matrices, and a prior-structured
+guide that lands on a linear-Gaussian path's exact posterior (given the globals) before any step,
+and on the Laplace approximation of a nonlinear one."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.autograd.functional import hessian, jacobian
+
+import pyro_arflow as af
+from pyro_arflow.path_laplace import BlockBidiagonalFactor, block_tridiagonal_hessian
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def dense_blocks(matrix: torch.Tensor, steps: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diagonal blocks and those below of a dense (T k, T k) matrix, (T, k, k) each."""
+    block = matrix.reshape(steps, size, steps, size).permute(0, 2, 1, 3)
+    diagonal = torch.stack([block[t, t] for t in range(steps)])
+    below = torch.stack([torch.zeros(size, size)] + [block[t, t - 1] for t in range(1, steps)])
+    return diagonal, below
+
+
+def random_precision(steps: int, size: int, seed: int) -> torch.Tensor:
+    """A dense block-tridiagonal positive-definite matrix: B^T B + I, B block bidiagonal."""
+    generator = torch.Generator().manual_seed(seed)
+    factor = torch.randn(steps * size, steps * size, generator=generator)
+    band = torch.zeros(steps, steps)
+    band.diagonal().fill_(1)
+    band.diagonal(-1).fill_(1)
+    factor = factor * torch.kron(band, torch.ones(size, size))
+    return factor.T @ factor + torch.eye(steps * size)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_the_factor_is_the_precisions_and_solves_it(size):
+    steps = 7
+    precisions = [random_precision(steps, size, seed) for seed in (0, 1)]  # a batch of two
+    blocks = [dense_blocks(h, steps, size) for h in precisions]
+    diagonal = torch.stack([b[0] for b in blocks], dim=1)  # (T, 2, k, k)
+    below = torch.stack([b[1] for b in blocks], dim=1)
+    factor = BlockBidiagonalFactor.from_blocks(diagonal, below)
+    rhs = torch.randn(steps, 2, size)
+    solved = factor.solve(rhs)
+    for member, precision in enumerate(precisions):
+        dense = torch.zeros(steps * size, steps * size)
+        for t in range(steps):
+            rows = slice(t * size, (t + 1) * size)
+            dense[rows, rows] = factor.diagonal[t, member]
+            if t:
+                dense[rows, (t - 1) * size : t * size] = factor.below[t, member]
+        assert torch.allclose(dense.T @ dense, precision, atol=1e-10)
+        exact = torch.linalg.solve(precision, rhs[:, member].reshape(-1))
+        assert torch.allclose(solved[:, member].reshape(-1), exact, atol=1e-10)
+    assert torch.allclose(factor.scales @ factor.diagonal, torch.eye(size).expand_as(diagonal))
+    assert torch.allclose(factor.gains, -factor.scales @ factor.below)
+
+
+def test_a_precision_that_is_not_positive_definite_is_refused():
+    diagonal = torch.tensor([1.0, -1.0, 1.0]).reshape(3, 1, 1)
+    with pytest.raises(ValueError, match="not positive definite"):
+        BlockBidiagonalFactor.from_blocks(diagonal, torch.zeros(3, 1, 1))
+
+
+def markov_density(x: torch.Tensor) -> torch.Tensor:
+    """A non-Gaussian density over a path (T, k) whose terms read neighbouring states."""
+    steps = (x[1:] - 0.9 * x[:-1].sin()).square().sum()
+    return steps + x.cos().sum() + (x[..., 0] * x[..., -1]).square().sum()
+
+
+def test_the_hessian_is_read_in_blocks_from_3k_products():
+    path = torch.randn(9, 3)
+    diagonal, below = block_tridiagonal_hessian(markov_density, path)
+    dense = hessian(markov_density, path).reshape(27, 27)
+    expected_diagonal, expected_below = dense_blocks(dense, 9, 3)
+    assert torch.allclose(diagonal, expected_diagonal, atol=1e-10)
+    assert torch.allclose(below, expected_below, atol=1e-10)
+
+
+def test_a_density_coupling_states_two_apart_is_refused():
+    def skipping(x):
+        return markov_density(x) + (x[2:] * x[:-2]).sum()
+
+    with pytest.raises(ValueError, match="not block tridiagonal"):
+        block_tridiagonal_hessian(skipping, torch.randn(9, 3))
+
+
+OBSERVED = torch.tensor([1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+DATA = torch.linspace(-1.0, 2.0, len(OBSERVED), dtype=torch.float64).sin()
+TURN = torch.tensor([[0.9, 0.2], [-0.1, 0.8]], dtype=torch.float64)
+
+
+def scalar_model(data):
+    """An AR(1) path, observed with noise at some steps."""
+    path = af.GaussianPath(lambda x, t: (0.8 * x, 0.7), dist.Normal(0.5, 1.0), len(data))
+    x = pyro.sample("x", path)
+    pyro.sample("y", dist.Normal(x, 0.4).mask(OBSERVED).to_event(1), obs=data)
+
+
+def vector_model(data):
+    """A linear path of 2-vectors (a damped turn), a combination of them observed."""
+    path = af.GaussianPath(
+        lambda x, t: ((TURN @ x.unsqueeze(-1)).squeeze(-1), torch.tensor([0.5, 0.3])),
+        dist.Normal(torch.zeros(2), 1.0).to_event(1),
+        len(data),
+    )
+    x = pyro.sample("x", path)
+    seen = x[..., 0] + 0.5 * x[..., 1]
+    pyro.sample("y", dist.Normal(seen, 0.3).mask(OBSERVED).to_event(1), obs=data)
+
+
+def exact_gaussian(model, guide) -> torch.distributions.MultivariateNormal:
+    """A Gaussian model's exact posterior over the latent vector, by dense algebra."""
+
+    def negative_log_joint(latent):
+        values = guide._constrain(latent)
+        conditioned = pyro.poutine.condition(model, data=values)
+        return -pyro.poutine.trace(conditioned).get_trace(DATA).log_prob_sum()
+
+    zero = torch.zeros(guide.latent_dim)
+    precision = hessian(negative_log_joint, zero)
+    gradient = torch.func.grad(negative_log_joint)(zero)
+    mean = -torch.linalg.solve(precision, gradient)
+    return torch.distributions.MultivariateNormal(mean, precision_matrix=precision)
+
+
+@pytest.mark.parametrize("model", [scalar_model, vector_model], ids=["scalar", "vector"])
+def test_the_warm_start_is_a_linear_gaussian_paths_exact_posterior(model):
+    guide = af.AutoARFlow(model)
+    found = af.laplace_warm_start(model, guide, DATA)
+    assert isinstance(found, af.PathLaplaceApproximation) and found.globals is None
+    exact = exact_gaussian(model, guide)
+    latents = exact.sample((5,)) + torch.randn(5, guide.latent_dim)  # anywhere
+    assert torch.allclose(guide.get_posterior(DATA).log_prob(latents), exact.log_prob(latents))
+    assert torch.allclose(found.modes["x"].reshape(-1), exact.mean, atol=1e-8)
+    assert torch.allclose(guide.median(DATA)["x"].reshape(-1), exact.mean, atol=1e-8)
+
+
+def ar1_with_globals(data):
+    persistence = pyro.sample("persistence", dist.Uniform(-1.0, 1.0))
+    shock = pyro.sample("shock", dist.HalfNormal(1.0))
+    path = af.GaussianPath(
+        lambda x, t: (persistence.unsqueeze(-1) * x, shock.unsqueeze(-1)),
+        dist.Normal(0.0, shock.unsqueeze(-1)),
+        len(data),
+    )
+    x = pyro.sample("x", path)
+    pyro.sample("y", dist.Normal(x, 0.4).mask(OBSERVED).to_event(1), obs=data)
+
+
+def test_given_the_initial_globals_the_path_is_its_exact_conditional():
+    """log q(theta_0, x) - log q(theta_0, x') is the exact conditional's log ratio."""
+    guide = af.AutoARFlow(ar1_with_globals, hidden_dims=[8])
+    found = af.laplace_warm_start(ar1_with_globals, guide, DATA)
+    theta = found.globals
+    assert torch.equal(theta, guide.loc.detach())
+
+    def negative_log_joint(path):
+        latent = torch.cat((theta, path))
+        conditioned = pyro.poutine.condition(ar1_with_globals, data=guide._constrain(latent))
+        return -pyro.poutine.trace(conditioned).get_trace(DATA).log_prob_sum()
+
+    zero = torch.zeros(len(DATA))
+    precision = hessian(negative_log_joint, zero)
+    mean = -torch.linalg.solve(precision, torch.func.grad(negative_log_joint)(zero))
+    exact = torch.distributions.MultivariateNormal(mean, precision_matrix=precision)
+    paths = exact.sample((4,)) + torch.randn(4, len(DATA))
+    latents = torch.cat((theta.expand(4, 2), paths), dim=-1)
+    guide_density = guide.get_posterior(DATA).log_prob(latents)
+    ratios, exact_ratios = guide_density - guide_density[0], exact.log_prob(paths)
+    assert torch.allclose(ratios, exact_ratios - exact_ratios[0], atol=1e-9)
+
+
+def pendulum(data):
+    """A nonlinear transition (a noisy pendulum's angle and speed) and a nonlinear likelihood."""
+
+    def transition(x, t):
+        angle, speed = x.unbind(-1)
+        step = torch.stack([angle + 0.1 * speed, speed - 0.1 * angle.sin()], dim=-1)
+        return step, torch.tensor([0.05, 0.2])
+
+    start = dist.Normal(torch.tensor([1.0, 0.0]), 0.5).to_event(1)
+    x = pyro.sample("x", af.GaussianPath(transition, start, len(data)))
+    pyro.sample("y", dist.Normal(x[..., 0].sin(), 0.2).to_event(1), obs=data)
+
+
+def test_a_nonlinear_path_starts_through_its_mode_with_the_laplace_covariance():
+    """At z = 0 the guide's path is the mode, and its linearization there (J J^T of the
+    transform) is the Laplace covariance, the inverse of the log density's Hessian."""
+    data = torch.linspace(0.8, -0.5, 10)
+    guide = af.AutoARFlow(pendulum)
+    found = af.laplace_warm_start(pendulum, guide, data)
+    transform = guide.get_transform(data)
+    zero = torch.zeros(guide.latent_dim)
+    assert torch.allclose(transform(zero), found.modes["x"].reshape(-1), atol=1e-8)
+
+    def negative_log_joint(latent):
+        conditioned = pyro.poutine.condition(pendulum, data=guide._constrain(latent))
+        return -pyro.poutine.trace(conditioned).get_trace(data).log_prob_sum()
+
+    mode = found.modes["x"].reshape(-1)
+    assert torch.func.grad(negative_log_joint)(mode).abs().max() < 1e-6
+    linear = jacobian(transform, zero)
+    covariance = torch.linalg.inv(hessian(negative_log_joint, mode))
+    assert torch.allclose(linear @ linear.T, covariance, atol=1e-8)
+
+
+def skipping_model(data):
+    """Observations of x_t - x_{t-2}: a likelihood no Markov step holds."""
+    path = af.GaussianPath(lambda x, t: (x, 1.0), dist.Normal(0.0, 1.0), len(data))
+    x = pyro.sample("x", path)
+    pyro.sample("y", dist.Normal(x[..., 2:] - x[..., :-2], 0.1).to_event(1), obs=data[2:])
+
+
+def test_fit_warm_starts_paths_by_default_and_warns_where_it_cannot():
+    result = af.fit(scalar_model, af.AutoARFlow(scalar_model), DATA, max_steps=1, progress=False)
+    assert isinstance(result.warm_start, af.PathLaplaceApproximation)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="not block tridiagonal"):
+        af.laplace_warm_start(skipping_model, af.AutoARFlow(skipping_model), DATA)
+    pyro.clear_param_store()
+    with pytest.warns(RuntimeWarning, match="no Gaussian warm start.*not block tridiagonal"):
+        result = af.fit(
+            skipping_model, af.AutoARFlow(skipping_model), DATA, max_steps=1, progress=False
+        )
+    assert result.warm_start is None
