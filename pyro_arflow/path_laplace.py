@@ -244,11 +244,9 @@ def path_laplace_warm_start(
         return -log_density(model, guide, latent_with(paths), args, kwargs)
 
     mode, iterations = find_mode(negative_log_density, start[path_index], max_iterations)
-    factors = _factors(negative_log_density, mode, path_slots, path_index)
+    factors = _factors(negative_log_density, mode, path_slots)
     for _ in range(NEWTON_STEPS):  # each kept only if it raises the log density
-        (gradient,) = torch.autograd.grad(
-            negative_log_density(mode.requires_grad_()), mode, allow_unused=False
-        )
+        (gradient,) = torch.autograd.grad(negative_log_density(mode.requires_grad_()), mode)
         mode = mode.detach()
         step = torch.cat(
             [
@@ -260,7 +258,7 @@ def path_laplace_warm_start(
         if not float(negative_log_density(polished)) < float(negative_log_density(mode)):
             break
         mode = polished
-        factors = _factors(negative_log_density, mode, path_slots, path_index)
+        factors = _factors(negative_log_density, mode, path_slots)
     latent = latent_with(mode)
     modes = {
         slot.name: piece.reshape(slot.unconstrained_shape)
@@ -303,10 +301,7 @@ def _state_dims(slot: Any) -> int:
 
 
 def _factors(
-    negative_log_density: Callable[[Tensor], Tensor],
-    mode: Tensor,
-    slots: list,
-    path_index: Tensor,
+    negative_log_density: Callable[[Tensor], Tensor], mode: Tensor, slots: list
 ) -> dict[str, BlockBidiagonalFactor]:
     """Each path's precision factor at ``mode``, the other paths held there."""
     factors = {}
