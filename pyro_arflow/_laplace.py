@@ -1,5 +1,5 @@
 """What both Laplace warm starts share: the model's log density at a guide's unconstrained latent
-vector, and its mode by L-BFGS."""
+vector, its mode by L-BFGS, and the reversed Cholesky factor of a precision."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def log_density(model: Callable, guide: Any, latent: Tensor, args: tuple, kwargs
     with poutine.block():
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
     return trace.log_prob_sum() + log_jacobian
+
+
+def reversed_cholesky(precision: Tensor) -> Tensor:
+    """``C`` lower triangular with a positive diagonal and ``C^T C = precision`` (batched over
+    leading dimensions): the Cholesky factor of the reversed matrix, reversed. ``ValueError``
+    unless ``precision`` is positive definite."""
+    cholesky, info = torch.linalg.cholesky_ex(precision.flip(-2, -1))
+    if bool((info != 0).any()) or not bool(torch.isfinite(cholesky).all()):
+        raise ValueError(f"the Hessian at the mode is not positive definite: {NO_MODE}")
+    return cholesky.flip(-2, -1).mT
 
 
 def find_mode(

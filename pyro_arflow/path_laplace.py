@@ -38,7 +38,7 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
-from ._laplace import NEWTON_STEPS, NO_MODE, find_mode, log_density
+from ._laplace import NEWTON_STEPS, find_mode, log_density, reversed_cholesky
 from ._params import module_context
 from .recurrences import step_jacobian
 from .structured import MIX_BOUNDS, PathResidual, bounded_mix_inverse, global_positions
@@ -87,7 +87,7 @@ class BlockBidiagonalFactor:
         belows: list[Tensor] = [torch.zeros_like(diagonal[0])] * num_steps
         remaining = diagonal[-1]
         for t in range(num_steps - 1, -1, -1):
-            blocks[t] = _reversed_cholesky(remaining)
+            blocks[t] = reversed_cholesky(remaining)
             if t == 0:
                 break
             belows[t] = torch.linalg.solve_triangular(blocks[t].mT, below[t], upper=True, left=True)
@@ -122,15 +122,6 @@ class BlockBidiagonalFactor:
             carried = w[t] if t == 0 else w[t] - self.below[t] @ d[-1]
             d.append(torch.linalg.solve_triangular(self.diagonal[t], carried, upper=False))
         return torch.stack(d).squeeze(-1)
-
-
-def _reversed_cholesky(precision: Tensor) -> Tensor:
-    """``C`` lower triangular with ``C^T C = precision`` (the Cholesky factor of the reversed
-    matrix, reversed); ``ValueError`` unless ``precision`` is positive definite."""
-    cholesky, info = torch.linalg.cholesky_ex(precision.flip(-2, -1))
-    if bool((info != 0).any()) or not bool(torch.isfinite(cholesky).all()):
-        raise ValueError(f"the Hessian at the mode is not positive definite: {NO_MODE}")
-    return cholesky.flip(-2, -1).mT
 
 
 def block_tridiagonal_hessian(
@@ -245,8 +236,9 @@ def path_laplace_warm_start(
 
     mode, iterations = find_mode(negative_log_density, start[path_index], max_iterations)
     factors = _factors(negative_log_density, mode, path_slots)
+    value = negative_log_density(mode.requires_grad_())
     for _ in range(NEWTON_STEPS):  # each kept only if it raises the log density
-        (gradient,) = torch.autograd.grad(negative_log_density(mode.requires_grad_()), mode)
+        (gradient,) = torch.autograd.grad(value, mode)
         mode = mode.detach()
         step = torch.cat(
             [
@@ -254,11 +246,13 @@ def path_laplace_warm_start(
                 for slot, piece in zip(path_slots, _pieces(gradient, path_slots), strict=True)
             ]
         )
-        polished = mode - step
-        if not float(negative_log_density(polished)) < float(negative_log_density(mode)):
+        polished = (mode - step).requires_grad_()
+        polished_value = negative_log_density(polished)
+        if not float(polished_value.detach()) < float(value.detach()):
             break
-        mode = polished
-        factors = _factors(negative_log_density, mode, path_slots)
+        mode, value = polished, polished_value
+        factors = _factors(negative_log_density, mode.detach(), path_slots)
+    mode = mode.detach()
     latent = latent_with(mode)
     modes = {
         slot.name: piece.reshape(slot.unconstrained_shape)
@@ -271,7 +265,7 @@ def path_laplace_warm_start(
         start[global_index] if global_index else None,
         modes,
         factors,
-        float(-negative_log_density(mode)),
+        -float(value.detach()),
         iterations,
     )
 
@@ -336,20 +330,13 @@ def _set_residual(
     """The residual's own parameters (its network reads nothing yet) such that the corrected
     step is the chain of ``factor`` about ``mode`` (module docstring)."""
     vector_state = residual.lower is not None
-    by_time = mode.movedim(-prior.event_dim, 0)  # (T, *batch, *state)
-    states = by_time if vector_state else by_time.unsqueeze(-1)
-    previous = by_time[:-1].detach().requires_grad_()
-    steps = torch.arange(1, prior.num_steps, device=mode.device)
-    steps = steps.reshape((-1,) + (1,) * (previous.dim() - 1))
+    by_time = mode.movedim(-prior.event_dim, 0).detach().requires_grad_()  # (T, *batch, *state)
     with torch.enable_grad():
-        loc, scale = prior.step(previous, steps)
-        loc = loc.expand(previous.shape)
-        jacobian = step_jacobian(loc, previous, vector_state)
-    first_shape = by_time.shape[1:]
-    prior_loc = torch.cat((prior.initial_loc.expand(first_shape).unsqueeze(0), loc.detach()))
-    prior_scale = torch.cat(
-        (prior.initial_scale.expand(first_shape).unsqueeze(0), scale.expand(previous.shape))
-    )
+        prior_loc, prior_scale = prior.prior_moments(by_time.movedim(0, -prior.event_dim))
+        # row t - 1 of the gradient is J_t: the step to t reads only the state before it
+        jacobian = step_jacobian(prior_loc[1:], by_time, vector_state)[:-1]
+    prior_loc, prior_scale, by_time = prior_loc.detach(), prior_scale.detach(), by_time.detach()
+    states = by_time if vector_state else by_time.unsqueeze(-1)
     if not vector_state:
         jacobian = jacobian.unsqueeze(-1).unsqueeze(-1)
         prior_loc, prior_scale = prior_loc.unsqueeze(-1), prior_scale.unsqueeze(-1)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_positive_int
-from ._laplace import NEWTON_STEPS, NO_MODE, find_mode, log_density
+from ._laplace import NEWTON_STEPS, NO_MODE, find_mode, log_density, reversed_cholesky
 from .linear import LinearAutoregression
 from .path_laplace import PathLaplaceApproximation, path_laplace_warm_start
 
@@ -151,7 +151,8 @@ def _set_gaussian(guide: Any, found: LaplaceApproximation) -> None:
         scale = found.covariance.diagonal().sqrt()
     else:  # the factorization in the layer's ordering
         ordering = linear.ordering.to(mode.device)
-        in_ordering = _lower_factor(found.precision, ordering)
+        # A lower triangular, A^T A = the precision permuted into the layer's ordering
+        in_ordering = reversed_cholesky(found.precision[ordering][:, ordering])
         diagonal = in_ordering.diagonal()
         scale = torch.empty_like(mode)
         scale[ordering] = 1.0 / diagonal
@@ -160,11 +161,3 @@ def _set_gaussian(guide: Any, found: LaplaceApproximation) -> None:
             linear.weight.copy_((identity - in_ordering / diagonal).tril(-1))
     guide.loc = mode.clone()
     guide.scale = scale
-
-
-def _lower_factor(precision: Tensor, ordering: Tensor) -> Tensor:
-    """``A`` lower triangular with positive diagonal and ``A^T A`` = ``precision`` permuted into
-    ``ordering``'s coordinates (the Cholesky factor of the reversed matrix, reversed)."""
-    permuted = precision[ordering][:, ordering]
-    cholesky = torch.linalg.cholesky(permuted.flip(0, 1))
-    return cholesky.flip(0, 1).T

@@ -19,11 +19,9 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import local_level
-import lorenz_bridge
 import pyro
 import pyro.distributions as dist
-import stochastic_volatility
+import seeds
 import torch
 from _study import (
     elbo_estimate,
@@ -59,13 +57,10 @@ def banana() -> None:
 MODELS: dict[str, tuple[Callable, tuple, Path | None]] = {
     "logistic regression": (regression, (), None),
     "banana": (banana, (), None),
-    "Lorenz bridge": (lorenz_bridge.model, (lorenz_bridge.simulate()[1],), lorenz_bridge.REFERENCE),
-    "Nile local level": (local_level.model, (local_level.FLOW,), local_level.REFERENCE),
-    "volatility (T=200)": (
-        stochastic_volatility.model,
-        (stochastic_volatility.simulate(stochastic_volatility.REFERENCE_LENGTH)[1],),
-        stochastic_volatility.REFERENCE,
-    ),
+    **{
+        name: seeds.MODELS[name][:3]  # model, arguments, NUTS reference
+        for name in ("Lorenz bridge", "Nile local level", "volatility (T=200)")
+    },
 }
 """name: (model, its arguments, its NUTS reference or None)."""
 FIRST_STEPS = 100
