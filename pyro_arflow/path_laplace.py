@@ -26,6 +26,15 @@ mix solves :math:`(I + A_t) J_t = M_t`, the within-step mixing and log scale fac
 (where the prior's free path can lie far off: a bridge between two lobes of a Lorenz-63
 attractor), and the training steps go to what is not Gaussian. A mix past
 :data:`~pyro_arflow.structured.MIX_BOUNDS` is clipped to them.
+
+The same approximation at *every* draw of the globals is :func:`conditional_laplace`
+(``AutoARFlow(model, paths="laplace")``): one Newton step per draw from a fixed
+linearization path (the warm start's mode), differentiable in the globals, so the guide's
+law of a linear-Gaussian path given any globals is the exact conditional posterior (INLA's
+Gaussian conditional, Rue, Martino and Chopin 2009) and the flow over the globals fits their
+marginal posterior; the learned residual adds to it. For scalar states the backward sweep is
+a :math:`\lceil \log_2 T \rceil`-round scan of Möbius maps, and the solves are linear
+recurrences (:func:`~pyro_arflow.recurrences.linear_recurrence`).
 """
 
 from __future__ import annotations
@@ -38,12 +47,24 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
-from ._laplace import NEWTON_STEPS, find_mode, log_density, reversed_cholesky
+from ._laplace import NEWTON_STEPS, NO_MODE, find_mode, log_density, reversed_cholesky
 from ._params import module_context
-from .recurrences import step_jacobian
-from .structured import MIX_BOUNDS, PathResidual, bounded_mix_inverse, global_positions
+from .recurrences import linear_recurrence, step_jacobian
+from .structured import (
+    MIX_BOUNDS,
+    PathResidual,
+    ResidualParts,
+    bounded_mix_inverse,
+    global_positions,
+)
 
-__all__ = ["BlockBidiagonalFactor", "PathLaplaceApproximation", "block_tridiagonal_hessian"]
+__all__ = [
+    "BlockBidiagonalFactor",
+    "PathLaplaceApproximation",
+    "block_tridiagonal_hessian",
+    "chain_parameters",
+    "conditional_laplace",
+]
 
 COUPLING_TOLERANCE = 1e-3
 """Relative error past which a random probe says the Hessian is not block tridiagonal."""
@@ -80,8 +101,15 @@ class BlockBidiagonalFactor:
         r"""The factor of the precision with diagonal blocks ``diagonal`` (:math:`H_{tt}`) and
         blocks ``below`` (:math:`H_{t, t-1}`; the first ignored), both ``(T, *batch, k, k)``,
         by one backward sweep: :math:`C_t^\top C_t = H_{tt} - F_{t+1}^\top F_{t+1}`,
-        :math:`F_t = C_t^{-\top} H_{t, t-1}`. ``ValueError`` unless ``H`` is positive
-        definite."""
+        :math:`F_t = C_t^{-\top} H_{t, t-1}`. Scalar states take the sweep in
+        :math:`\lceil \log_2 T \rceil` parallel rounds (:func:`_scalar_pivots`), blocks in
+        :math:`T` steps. ``ValueError`` unless ``H`` is positive definite."""
+        if diagonal.shape[-1] == 1:
+            pivots = _scalar_pivots(diagonal[..., 0, 0], below[..., 0, 0])
+            if not bool((pivots > 0).all()) or not bool(torch.isfinite(pivots).all()):
+                raise ValueError(f"the Hessian at the mode is not positive definite: {NO_MODE}")
+            roots = pivots.sqrt()[..., None, None]
+            return cls(roots, torch.cat((torch.zeros_like(below[:1]), below[1:] / roots[1:])))
         num_steps = len(diagonal)
         blocks: list[Tensor] = [diagonal.new_empty(0)] * num_steps
         belows: list[Tensor] = [torch.zeros_like(diagonal[0])] * num_steps
@@ -108,20 +136,44 @@ class BlockBidiagonalFactor:
 
     def solve(self, rhs: Tensor) -> Tensor:
         r""":math:`H^{-1} g` for ``rhs`` :math:`g` shaped ``(T, *batch, k)``: :math:`A^\top w =
-        g` backward in time, then :math:`A d = w` forward."""
-        column = rhs.unsqueeze(-1)
-        num_steps = len(column)
-        w: list[Tensor] = [column[0]] * num_steps
-        for t in range(num_steps - 1, -1, -1):
-            carried = (
-                column[t] if t == num_steps - 1 else column[t] - self.below[t + 1].mT @ w[t + 1]
-            )
-            w[t] = torch.linalg.solve_triangular(self.diagonal[t].mT, carried, upper=True)
-        d: list[Tensor] = []
-        for t in range(num_steps):
-            carried = w[t] if t == 0 else w[t] - self.below[t] @ d[-1]
-            d.append(torch.linalg.solve_triangular(self.diagonal[t], carried, upper=False))
-        return torch.stack(d).squeeze(-1)
+        g` backward in time, :math:`w_t = S_t^\top (g_t - F_{t+1}^\top w_{t+1})`, then
+        :math:`A d = w` forward, :math:`d_t = M_t d_{t-1} + S_t w_t`; each a linear recurrence
+        solved by :func:`~pyro_arflow.recurrences.linear_recurrence`."""
+        scales = self.scales
+        backward = -(self.below[1:] @ scales[:-1]).mT  # maps w_{t+1} to w_t, t = 0 .. T-2
+        offsets = (scales.mT @ rhs.unsqueeze(-1)).squeeze(-1)
+        w = linear_recurrence(backward.flip(0), offsets.flip(0), matrix=True).flip(0)
+        return linear_recurrence(
+            self.gains[1:], (scales @ w.unsqueeze(-1)).squeeze(-1), matrix=True
+        )
+
+
+def _scalar_pivots(diagonal: Tensor, below: Tensor) -> Tensor:
+    r"""The backward sweep of a tridiagonal precision (scalar states), :math:`r_{T-1} =
+    H_{T-1,T-1}` and :math:`r_t = H_{tt} - H_{t+1,t}^2 / r_{t+1}` (so :math:`C_t =
+    \sqrt{r_t}`), in :math:`\lceil \log_2 T \rceil` rounds: each step is the Möbius map
+    :math:`r \mapsto (H_{tt} r - H_{t+1,t}^2) / r`, the matrix
+    :math:`\begin{pmatrix} H_{tt} & -H_{t+1,t}^2 \\ 1 & 0 \end{pmatrix}` acting on
+    :math:`(r, 1)` up to scale, and matrix products compose them (an inclusive scan, each
+    product rescaled to its largest entry: the ratio does not see the scale). ``diagonal``
+    and ``below`` are ``(T, *batch)``; ``below[0]`` is ignored."""
+    num_steps = len(diagonal)
+    coupling = torch.cat((below[1:].square(), torch.zeros_like(below[:1])))  # to the state after
+    maps = torch.stack(
+        (
+            torch.stack((diagonal, -coupling), dim=-1),
+            torch.stack((torch.ones_like(diagonal), torch.zeros_like(diagonal)), dim=-1),
+        ),
+        dim=-2,
+    ).flip(0)  # reversed time: element u composes the maps of times T-1-u .. T-1
+    shift = 1
+    while shift < num_steps:
+        combined = maps[shift:] @ maps[:-shift]
+        combined = combined / combined.detach().abs().amax((-2, -1), keepdim=True)
+        maps = torch.cat((maps[:shift], combined))
+        shift *= 2
+    ends = maps.sum(-1)  # each composition applied to (1, 1): the last map ignores its input
+    return (ends[..., 0] / ends[..., 1]).flip(0)
 
 
 def block_tridiagonal_hessian(
@@ -136,12 +188,27 @@ def block_tridiagonal_hessian(
     zero), each ``(T, *batch, k, k)``. A random probe checks the reading; ``ValueError`` when
     the density couples states further apart (or batch members with each other).
     """
+    _, diagonal, below = gradient_and_blocks(negative_log_density, path)
+    return diagonal.detach(), below.detach()
+
+
+def gradient_and_blocks(
+    negative_log_density: Callable[[Tensor], Tensor],
+    path: Tensor,
+    differentiable: bool = False,
+    check: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradient at ``path`` and the Hessian's blocks as :func:`block_tridiagonal_hessian`
+    reads them. ``differentiable``: all three stay functions of whatever else the density reads
+    (the globals, for the per-draw Laplace); ``check``: the random probe's check."""
     point = path.detach().requires_grad_()
     with torch.enable_grad():
         (gradient,) = torch.autograd.grad(negative_log_density(point), point, create_graph=True)
 
     def product(probe: Tensor) -> Tensor:
-        (result,) = torch.autograd.grad(gradient, point, probe, retain_graph=True)
+        (result,) = torch.autograd.grad(
+            gradient, point, probe, retain_graph=True, create_graph=differentiable
+        )
         return result
 
     num_steps, size = path.shape[0], path.shape[-1]
@@ -166,19 +233,20 @@ def block_tridiagonal_hessian(
 
     diagonal, below = blocks(0), blocks(1)
     diagonal = (diagonal + diagonal.mT) / 2
-    probe = torch.randn_like(path)
-    exact = product(probe)
-    column = probe.unsqueeze(-1)
-    read = (diagonal @ column).squeeze(-1)
-    read[1:] += (below[1:] @ column[:-1]).squeeze(-1)
-    read[:-1] += (below[1:].mT @ column[1:]).squeeze(-1)
-    if float((read - exact).norm()) > COUPLING_TOLERANCE * float(exact.norm()):
-        raise ValueError(
-            "the model's log density couples a path's states further apart than neighbours "
-            "(or one path's batch members with each other): its Hessian is not block "
-            "tridiagonal in time, which the Markov warm start needs"
-        )
-    return diagonal.detach(), below.detach()
+    if check:
+        probe = torch.randn_like(path)
+        exact = product(probe).detach()
+        column = probe.unsqueeze(-1)
+        read = (diagonal.detach() @ column).squeeze(-1)
+        read[1:] += (below[1:].detach() @ column[:-1]).squeeze(-1)
+        read[:-1] += (below[1:].detach().mT @ column[1:]).squeeze(-1)
+        if float((read - exact).norm()) > COUPLING_TOLERANCE * float(exact.norm()):
+            raise ValueError(
+                "the model's log density couples a path's states further apart than "
+                "neighbours (or one path's batch members with each other): its Hessian is not "
+                "block tridiagonal in time, which the Markov warm start needs"
+            )
+    return gradient if differentiable else gradient.detach(), diagonal, below
 
 
 @dataclass
@@ -260,7 +328,11 @@ def path_laplace_warm_start(
     }
     priors = _path_priors(model, guide, latent, args, kwargs)
     for slot, residual in zip(path_slots, guide.paths, strict=True):
-        _set_residual(residual, priors[slot.name], modes[slot.name], factors[slot.name])
+        if residual.linearization is not None:  # paths="laplace": each draw's own Laplace
+            with torch.no_grad():
+                residual.linearization.copy_(modes[slot.name])
+        else:
+            _set_residual(residual, priors[slot.name], modes[slot.name], factors[slot.name])
     return PathLaplaceApproximation(
         start[global_index] if global_index else None,
         modes,
@@ -276,17 +348,25 @@ def _pieces(vector: Tensor, slots: list) -> list[Tensor]:
 
 def _time_first(piece: Tensor, slot: Any) -> Tensor:
     """A path site's flat piece as ``(T, *batch, k)`` (scalar states get ``k = 1``)."""
-    state_dims = _state_dims(slot)
-    value = piece.reshape(slot.unconstrained_shape).movedim(-1 - state_dims, 0)
-    return value if state_dims else value.unsqueeze(-1)
+    return _by_time(piece.reshape(slot.unconstrained_shape), _state_dims(slot))
 
 
 def _from_time_first(value: Tensor, slot: Any) -> Tensor:
     """The inverse of :func:`_time_first`: a flat piece of the latent vector."""
-    state_dims = _state_dims(slot)
+    return _site_shaped(value, _state_dims(slot)).reshape(-1)
+
+
+def _by_time(value: Tensor, state_dims: int) -> Tensor:
+    """A path's value (``(*batch, T, *state)``) as ``(T, *batch, k)``."""
+    value = value.movedim(-1 - state_dims, 0)
+    return value if state_dims else value.unsqueeze(-1)
+
+
+def _site_shaped(value: Tensor, state_dims: int) -> Tensor:
+    """The inverse of :func:`_by_time`."""
     if not state_dims:
         value = value.squeeze(-1)
-    return value.movedim(0, -1 - state_dims).reshape(-1)
+    return value.movedim(0, -1 - state_dims)
 
 
 def _state_dims(slot: Any) -> int:
@@ -329,34 +409,114 @@ def _set_residual(
 ) -> None:
     """The residual's own parameters (its network reads nothing yet) such that the corrected
     step is the chain of ``factor`` about ``mode`` (module docstring)."""
-    vector_state = residual.lower is not None
-    by_time = mode.movedim(-prior.event_dim, 0).detach().requires_grad_()  # (T, *batch, *state)
+    parts = chain_parameters(prior, mode, factor, residual.reference)
+    for name, value in parts.items():
+        getattr(residual, name).copy_(value)
+
+
+def chain_parameters(
+    prior: Any,
+    mean: Tensor,
+    factor: BlockBidiagonalFactor,
+    reference: Tensor,
+    differentiable: bool = False,
+) -> ResidualParts:
+    """A path residual's free parameters (time first, with any batch of ``mean``) whose
+    corrected step is the chain of ``factor`` about ``mean`` (module docstring), the mix
+    clipped to :data:`~pyro_arflow.structured.MIX_BOUNDS`. ``differentiable``: functions of
+    whatever ``mean``, ``factor`` and the prior read; else detached."""
+    vector_state = len(prior.state_shape) == 1
+    by_time = mean.movedim(-prior.event_dim, 0)  # (T, *batch, *state)
+    if not by_time.requires_grad:
+        by_time = by_time.detach().requires_grad_()
     with torch.enable_grad():
         prior_loc, prior_scale = prior.prior_moments(by_time.movedim(0, -prior.event_dim))
         # row t - 1 of the gradient is J_t: the step to t reads only the state before it
-        jacobian = step_jacobian(prior_loc[1:], by_time, vector_state)[:-1]
-    prior_loc, prior_scale, by_time = prior_loc.detach(), prior_scale.detach(), by_time.detach()
+        jacobian = step_jacobian(prior_loc[1:], by_time, vector_state, differentiable)[:-1]
+    if not differentiable:
+        prior_loc, prior_scale, by_time = prior_loc.detach(), prior_scale.detach(), by_time.detach()
     states = by_time if vector_state else by_time.unsqueeze(-1)
     if not vector_state:
         jacobian = jacobian.unsqueeze(-1).unsqueeze(-1)
         prior_loc, prior_scale = prior_loc.unsqueeze(-1), prior_scale.unsqueeze(-1)
+        reference = reference.unsqueeze(-1)
     noise_factor, gains = factor.scales, factor.gains
     identity = torch.eye(states.shape[-1]).to(states)
-    mix = torch.zeros_like(gains)
-    mix[1:] = gains[1:] @ torch.linalg.pinv(jacobian) - identity
+    later = gains[1:] @ torch.linalg.pinv(jacobian) - identity
+    mix = torch.cat((torch.zeros_like(later[:1]), later))
     low, high = MIX_BOUNDS
     margin = 1e-3 * (high - low)
     mix = mix.clamp(low + margin, high - margin)
-    reference = residual.reference if vector_state else residual.reference.unsqueeze(-1)
     departure = (mix @ (prior_loc - reference).unsqueeze(-1)).squeeze(-1)
     shift = (states - prior_loc - departure) / prior_scale
     spread = noise_factor.diagonal(dim1=-2, dim2=-1)
     log_scale = (spread / prior_scale).log()
     if vector_state:
-        residual.mix.copy_(bounded_mix_inverse(mix))
-        residual.lower.copy_((noise_factor / spread.unsqueeze(-2)).tril(-1))
-    else:
-        residual.mix.copy_(bounded_mix_inverse(mix[..., 0, 0]))
-        shift, log_scale = shift.squeeze(-1), log_scale.squeeze(-1)
-    residual.shift.copy_(shift)
-    residual.log_scale.copy_(log_scale)
+        lower = (noise_factor / spread.unsqueeze(-2)).tril(-1)
+        return ResidualParts(shift, log_scale, bounded_mix_inverse(mix), lower)
+    free_mix = bounded_mix_inverse(mix[..., 0, 0])
+    return ResidualParts(shift.squeeze(-1), log_scale.squeeze(-1), free_mix)
+
+
+def conditional_laplace(
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    residuals: dict[str, PathResidual],
+    global_values: dict[str, Tensor],
+    batch: torch.Size,
+    check: bool = False,
+) -> dict[str, ResidualParts]:
+    r"""Per draw of the globals, each path's Laplace approximation given them, as the free
+    parameters of its residual (``paths="laplace"`` of :class:`~pyro_arflow.AutoARFlow`).
+
+    For each path, at its linearization path :math:`\bar x` (the others held at theirs):
+    the gradient :math:`g` and block tridiagonal Hessian :math:`H` of
+    :math:`-\log p(x, y \mid \theta)`, one Newton step :math:`\hat x = \bar x - H^{-1} g`,
+    and the chain of :math:`H`'s factor about :math:`\hat x` (:func:`chain_parameters`). For a
+    linear-Gaussian path this is the exact conditional posterior at every :math:`\theta`
+    (INLA's Gaussian conditional, Rue, Martino and Chopin 2009); for a nonlinear one, its
+    Gaussian approximation about :math:`\bar x`. Differentiable in the globals when gradients
+    are on.
+
+    Arguments:
+        residuals: each path site's residual, whose ``linearization`` is :math:`\bar x`.
+        global_values: the globals' constrained values, with the draws' ``batch`` dims.
+        batch: the draws' batch shape.
+        check: check that each Hessian is block tridiagonal (``ValueError`` if not), as
+            :func:`block_tridiagonal_hessian` does; the guide does so once, when built.
+    """
+    differentiable = torch.is_grad_enabled()
+    held = {
+        name: residual.linearization.expand(batch + residual.linearization.shape)
+        for name, residual in residuals.items()
+    }
+    parts = {}
+    priors: dict[str, Any] = {}  # each path's prior (its GaussianPath) with these globals
+    for name, residual in residuals.items():
+        state_dims = int(residual.lower is not None)
+
+        def negative_log_density(
+            time_first: Tensor, name: str = name, state_dims: int = state_dims
+        ) -> Tensor:
+            data = {**global_values, **held, name: _site_shaped(time_first, state_dims)}
+            with poutine.block():
+                trace = poutine.trace(poutine.condition(model, data=data)).get_trace(
+                    *args, **kwargs
+                )
+            priors[name] = trace.nodes[name]["fn"]
+            return -trace.log_prob_sum()
+
+        point = _by_time(held[name], state_dims)
+        with torch.enable_grad():
+            gradient, diagonal, below = gradient_and_blocks(
+                negative_log_density, point, differentiable, check
+            )
+            factor = BlockBidiagonalFactor.from_blocks(diagonal, below)
+            mean = _site_shaped(point - factor.solve(gradient), state_dims)
+            reference = residual.reference
+            reference = reference.view(
+                reference.shape[:1] + (1,) * len(batch) + reference.shape[1:]
+            )
+            parts[name] = chain_parameters(priors[name], mean, factor, reference, differentiable)
+    return parts

@@ -23,8 +23,12 @@ widens and narrows with them, and :math:`g_t` already does: the funnel between a
 scale is built in. Every correction starts at zero, so as built the guide's law of the path
 given the globals is the prior's; ``init_loc_fn`` places the globals, and the Laplace warm
 start (:mod:`pyro_arflow.path_laplace`, ``fit``'s default) sets the corrections to each path's
-Laplace approximation given them. This is the ASVI family of
-Ambrogioni et al. 2021 (https://arxiv.org/abs/2002.00643) as a flow, with the globals first.
+Laplace approximation given them. With ``paths="laplace"`` the corrections add to each draw's
+own Laplace approximation (``StructuredTransform``'s ``path_bases``;
+:func:`~pyro_arflow.path_laplace.conditional_laplace`), which for a linear-Gaussian path is
+the exact conditional at every :math:`\theta`, not at :math:`\theta_0` alone. This is the
+ASVI family of Ambrogioni et al. 2021 (https://arxiv.org/abs/2002.00643) as a flow, with the
+globals first.
 Given the globals, it holds the exact posterior of a linear-Gaussian path (its conditionals
 are Gaussian, with means linear in the previous state).
 """
@@ -45,7 +49,25 @@ from torch.distributions import Transform, biject_to, constraints
 from .cached import CachedTransform
 from .paths import GaussianPath, PathCorrection, PathFlow
 
-__all__ = ["PathResidual", "SiteSlot", "StructuredTransform", "global_positions"]
+__all__ = ["PathResidual", "ResidualParts", "SiteSlot", "StructuredTransform", "global_positions"]
+
+
+@dataclass
+class ResidualParts:
+    r"""The free parameters of a path's correction, time first (``(T, *batch, *state)``; the
+    mix ``(T, *batch)`` for scalar states, ``(T, *batch, k, k)`` for vectors): the shift
+    :math:`b`, the log scale :math:`\rho`, the mix before :func:`bounded_mix`, and for vector
+    states the within-step mixing :math:`L`."""
+
+    shift: Tensor
+    log_scale: Tensor
+    mix: Tensor
+    lower: Tensor | None = None
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        """(name, tensor) of each part there is, in the order of a residual's parameters."""
+        names = ("shift", "log_scale", "mix", "lower")
+        return [(name, getattr(self, name)) for name in names if getattr(self, name) is not None]
 
 
 class PathResidual(nn.Module):
@@ -62,13 +84,18 @@ class PathResidual(nn.Module):
             (``None`` when the model has no globals).
         hidden_dim: width of the ``tanh`` layer through which the residual reads
             :math:`\theta - \theta_0`; 0 reads it linearly.
+        linearized: keep a ``linearization`` path (shaped as the site; the prior's
+            noise-free one until a warm start moves it to the mode), about which each draw's
+            Laplace approximation is taken (``paths="laplace"``; its parts come in as
+            ``base``).
 
     Every correction starts at zero (the network's output layer too), so the guide's law of
-    the path starts as the prior's.
+    the path starts as the prior's (as the per-draw Laplace approximation, when linearized).
     """
 
     reference: Tensor
     context_origin: Tensor
+    linearization: Tensor | None
 
     def __init__(
         self,
@@ -76,6 +103,7 @@ class PathResidual(nn.Module):
         vector_state: bool,
         context_origin: Tensor | None,
         hidden_dim: int = 16,
+        linearized: bool = False,
     ) -> None:
         super().__init__()
         matrix = reference.shape + reference.shape[-1:] if vector_state else reference.shape
@@ -84,6 +112,8 @@ class PathResidual(nn.Module):
         self.mix = nn.Parameter(reference.new_zeros(matrix))
         self.lower = nn.Parameter(reference.new_zeros(matrix)) if vector_state else None
         self.register_buffer("reference", reference.detach().clone())
+        site_shaped = reference.detach().movedim(0, -2 if vector_state else -1).clone()
+        self.register_buffer("linearization", site_shaped if linearized else None)
         self.context_net: nn.Module | None = None
         if context_origin is not None:
             self.register_buffer("context_origin", context_origin.detach().clone())
@@ -98,14 +128,19 @@ class PathResidual(nn.Module):
         parts = [self.shift, self.log_scale, self.mix]
         return parts if self.lower is None else [*parts, self.lower]
 
-    def correction(self, context: Tensor | None, batch_dims: int) -> PathCorrection:
+    def correction(
+        self, context: Tensor | None, batch_dims: int, base: ResidualParts | None = None
+    ) -> PathCorrection:
         """The correction for globals ``context`` (shaped ``(*batch, C)``), every tensor time
-        first with ``batch`` (``batch_dims`` dimensions) after time."""
+        first with ``batch`` (``batch_dims`` dimensions) after time; ``base``: free parts
+        the residual's own add to (each draw's Laplace approximation)."""
 
         def spread(part: Tensor) -> Tensor:
             return part.view(part.shape[:1] + (1,) * batch_dims + part.shape[1:])
 
         parts = [spread(part) for part in self._parts()]
+        if base is not None:
+            parts = [part + offset for part, (_, offset) in zip(parts, base.items(), strict=True)]
         if self.context_net is not None and context is not None:
             offsets = self.context_net(context - self.context_origin)
             sizes = [part.numel() for part in self._parts()]
@@ -224,6 +259,11 @@ class _RunWithGuideValues(Messenger):
             raise _LatentsDone
 
 
+PathBases = Callable[[dict[str, Tensor], torch.Size], dict[str, ResidualParts]]
+"""``path_bases(global_values, batch)``: each path's free parts for the drawn globals, which
+its residual adds to (:func:`~pyro_arflow.path_laplace.conditional_laplace`)."""
+
+
 class StructuredTransform(CachedTransform):
     r"""White noise :math:`z` to the whole unconstrained latent vector: the globals by their
     flow, each path by its prior's corrected flow (module docstring). Bound to one call's
@@ -247,12 +287,14 @@ class StructuredTransform(CachedTransform):
         slots: list[SiteSlot],
         globals_transform: Transform | None,
         residuals: dict[str, PathResidual],
+        path_bases: PathBases | None = None,
     ) -> None:
         super().__init__(cache_size=1)
         self.model, self.args, self.kwargs = model, args, kwargs
         self.slots = slots
         self.globals_transform = globals_transform
         self.residuals = residuals
+        self.path_bases = path_bases
         self.global_index = global_positions(slots)
 
     def _call_with_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,8 +329,9 @@ class StructuredTransform(CachedTransform):
                 piece = theta[..., slot.global_start : slot.global_start + slot.size]
                 unconstrained = piece.reshape(batch + slot.unconstrained_shape)
                 global_values[slot.name] = biject_to(slot.support)(unconstrained)
+        bases = self.path_bases(global_values, batch) if self.path_bases is not None else {}
         corrections = {
-            name: (lambda r=residual: r.correction(theta, len(batch)))
+            name: (lambda r=residual, b=bases.get(name): r.correction(theta, len(batch), b))
             for name, residual in self.residuals.items()
         }
         runner = _RunWithGuideValues(global_values, path_inputs, corrections, draw)

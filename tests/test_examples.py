@@ -56,6 +56,7 @@ def test_example_writes_its_table_and_figure(name, arguments, rows, tmp_path):
 GAUSSIANS = ["AutoNormal", "AutoMultivariateNormal", "Pyro AutoIAFNormal"]
 FLOWS = ["AutoARFlow('iaf', flat)", "AutoARFlow('iaf-lstm', flat)"]
 PRIOR_STRUCTURED = "AutoARFlow (prior-structured)"
+PER_DRAW_LAPLACE = "AutoARFlow (per-draw Laplace)"
 
 
 @pytest.mark.parametrize(
@@ -64,9 +65,13 @@ PRIOR_STRUCTURED = "AutoARFlow (prior-structured)"
         (
             "stochastic_volatility",
             ["--mcmc-draws", "4", "--draws", "200"],
-            [*GAUSSIANS, *FLOWS, PRIOR_STRUCTURED],
+            [*GAUSSIANS, *FLOWS, PRIOR_STRUCTURED, PER_DRAW_LAPLACE],
         ),
-        ("local_level", ["--draws", "200"], [*GAUSSIANS, *FLOWS, PRIOR_STRUCTURED]),
+        (
+            "local_level",
+            ["--draws", "200"],
+            [*GAUSSIANS, *FLOWS, PRIOR_STRUCTURED, PER_DRAW_LAPLACE],
+        ),
         (
             "lorenz_bridge",
             ["--draws", "200"],
@@ -99,4 +104,5 @@ def test_seed_study_writes_one_row_per_fit_and_the_spread(tmp_path):
     arguments = ["--seeds", "2", "--steps", "15", "--draws", "200"]
     run("benchmarks/quality/seeds.py", *arguments, out=tmp_path)
     rows = table_rows(tmp_path / "quality_seeds.md")
-    assert rows.count("volatility (T=200)") == 6 and rows.count("Lorenz bridge") == 6
+    # two seeds and their spread for each variant; no per-draw Laplace where there are no globals
+    assert rows.count("volatility (T=200)") == 9 and rows.count("Lorenz bridge") == 6

@@ -178,13 +178,21 @@ def test_flat_paths_put_every_latent_in_the_flow():
     assert structured.global_dim == 2 and len(structured.paths) == 1
 
 
-def test_pickle_round_trip_keeps_the_guide():
-    guide = af.AutoARFlow(ar1_model, hidden_dims=[8])
+@pytest.mark.parametrize("paths", ["prior", "laplace"])
+def test_pickle_and_state_dict_round_trips_keep_the_guide(paths):
+    guide = af.AutoARFlow(ar1_model, paths=paths, hidden_dims=[8])
     guide(DATA)
     perturb(guide, std=0.1)
     copy = pickle.loads(pickle.dumps(guide))
     for name, value in guide.median(DATA).items():
         assert torch.allclose(copy.median(DATA)[name], value), name
+    pyro.clear_param_store()
+    fresh = af.AutoARFlow(ar1_model, paths=paths, hidden_dims=[8])
+    fresh(DATA)
+    fresh.load_state_dict(guide.state_dict())
+    latent = torch.randn(3, guide.latent_dim, dtype=torch.float64)
+    expected = guide.get_posterior(DATA).log_prob(latent)
+    assert torch.allclose(fresh.get_posterior(DATA).log_prob(latent), expected)
 
 
 def test_neutra_preconditions_with_the_structured_guide():

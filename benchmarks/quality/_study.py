@@ -198,11 +198,13 @@ def comparison_guides(
 ) -> dict[str, Callable[[], Any]]:
     """The guides the latent time-series examples compare: mean field, full-rank Gaussian,
     Pyro's IAF guide, ours flat with a masked and with an LSTM conditioner (same widths as
-    Pyro's), and ours built around the model's path prior.
+    Pyro's), and ours built around the model's path prior: with the path's Laplace
+    approximation at the initial globals as its start (``paths="prior"``) and with each
+    draw's own (``paths="laplace"``).
 
     All start from ``init_loc_fn`` but Pyro's ``AutoIAFNormal``, which ignores it (it starts
-    at N(0, I) in the unconstrained space), and the prior-structured guide's path, which
-    ``af.fit`` starts at its Laplace approximation given the initial globals.
+    at N(0, I) in the unconstrained space), and the prior-structured guides' paths, which
+    ``af.fit`` starts at their Laplace approximation given the initial globals.
     """
     return {
         "AutoNormal": lambda: AutoNormal(model, init_loc_fn=init_loc_fn),
@@ -215,10 +217,12 @@ def comparison_guides(
             model, flow="iaf-lstm", hidden_size=32, init_loc_fn=init_loc_fn, paths="flat"
         ),
         PRIOR_STRUCTURED: lambda: af.AutoARFlow(model, init_loc_fn=init_loc_fn),
+        PER_DRAW_LAPLACE: lambda: af.AutoARFlow(model, init_loc_fn=init_loc_fn, paths="laplace"),
     }
 
 
 PRIOR_STRUCTURED = "AutoARFlow (prior-structured)"
+PER_DRAW_LAPLACE = "AutoARFlow (per-draw Laplace)"
 
 
 def chosen(

@@ -1,4 +1,4 @@
-"""The prior-structured guide over seeds: how far k-hat and the errors move between fits.
+"""The prior-structured guides over seeds: how far k-hat and the errors move between fits.
 
     python benchmarks/quality/seeds.py [--seeds N] [--out DIR] [--draws N] [--steps N]
 
@@ -6,9 +6,11 @@ The default ``AutoARFlow``, trained by ``af.fit``, on the three latent-path benc
 volatility model at T = 200, the Nile local level, the Lorenz-63 bridge), once per seed
 0 .. N-1 (the data stay the same; the seed is the inference's), with ``fit``'s defaults (the KL,
 then the Rényi bound of order 1/2 from the first plateau on) and with the KL throughout
-(``mass_covering="never"``). Each row is one fit scored against the model's NUTS reference;
-each model and objective ends with the medians and the ranges over the seeds: a single run's
-k-hat or globals' log-sd error is one draw from this spread.
+(``mass_covering="never"``); and, on the two models with globals, ``paths="laplace"`` (each
+draw's own Laplace approximation of the path) with ``fit``'s defaults. Each row is one fit
+scored against the model's NUTS reference; each model and variant ends with the medians and
+the ranges over the seeds: a single run's k-hat or globals' log-sd error is one draw from
+this spread.
 """
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ MODELS = {
     ),
 }
 """name: (model, its arguments, its NUTS reference, its path site, its globals)."""
-OBJECTIVES = {"KL, then Renyi 1/2 (default)": "after the first plateau", "KL": "never"}
-"""name: ``fit``'s ``mass_covering``."""
+VARIANTS = {
+    "prior, KL then Renyi 1/2 (defaults)": ("prior", "after the first plateau"),
+    "prior, KL": ("prior", "never"),
+    "laplace, KL then Renyi 1/2": ("laplace", "after the first plateau"),
+}
+"""name: ``AutoARFlow``'s ``paths`` and ``fit``'s ``mass_covering``."""
 SUMMARIZED = (
     "PSIS k-hat (median of 5)",
     "path mean err (sd)",
@@ -79,15 +85,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         },
     )
     rows = []
-    for (name, case), (objective, mass_covering) in itertools.product(
-        MODELS.items(), OBJECTIVES.items()
+    for (name, case), (variant, (paths, mass_covering)) in itertools.product(
+        MODELS.items(), VARIANTS.items()
     ):
         model, data, reference_file, path, globals_ = case
+        if paths == "laplace" and not globals_:
+            continue  # without globals, each draw's Laplace is the warm start's
         reference = json.loads(reference_file.read_text())
         fits = []
         for seed in range(args.seeds):
             seed_everything(seed)
-            guide = af.AutoARFlow(model)
+            guide = af.AutoARFlow(model, paths=paths)
             fit = af.fit(
                 model,
                 guide,
@@ -97,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 progress=False,
             )
             columns = fit_columns(fit, model, guide, data, args.draws)
-            row = {"model": name, "objective": objective, "seed": str(seed), **columns}
+            row = {"model": name, "paths, objective": variant, "seed": str(seed), **columns}
             if not fit.diverged:
                 draws = guide_draws(model, guide, data, args.draws, [path, *globals_])
                 error, log_sd = posterior_error(draws, reference, [path])
@@ -108,10 +116,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             fits.append(row)
             print(row, flush=True)
         rows += fits
-        rows.append(spread(name, objective, fits))
+        rows.append(spread(name, variant, fits))
     print_table(
-        f"The prior-structured AutoARFlow over {args.seeds} seeds, trained by af.fit, with its "
-        "default objective and with the KL throughout; errors against NUTS",
+        f"The prior-structured AutoARFlow over {args.seeds} seeds, trained by af.fit: its "
+        "defaults, the KL throughout, and each draw's Laplace (paths='laplace'); errors "
+        "against NUTS",
         rows,
         args.out,
         "quality_seeds",
@@ -119,9 +128,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
-def spread(name: str, objective: str, fits: list[dict]) -> dict:
+def spread(name: str, variant: str, fits: list[dict]) -> dict:
     """The medians and ranges of the scores over ``fits`` (those that did not diverge)."""
-    row: dict = {"model": name, "objective": objective, "seed": "median [min, max]"}
+    row: dict = {"model": name, "paths, objective": variant, "seed": "median [min, max]"}
     for column in SUMMARIZED:
         values = [fit[column] for fit in fits if column in fit]
         if values:
