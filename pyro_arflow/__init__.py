@@ -27,7 +27,7 @@ from .transforms import (
 from .validation import flush_finite_checks
 from .warm_start import LaplaceApproximation, laplace_warm_start
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "IAF",

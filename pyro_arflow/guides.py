@@ -280,9 +280,7 @@ class AutoARFlow(AutoContinuous):
             if self._paths == "laplace":  # fail now, not at a step, where it cannot be Markov
                 residuals = dict(zip((slot.name for slot in path_slots), self.paths, strict=True))
                 values = self._constrain(init_loc)
-                initial = {
-                    slot.name: values[slot.name] for slot in self._slots if slot not in path_slots
-                }
+                initial = {name: values[name] for name in values if name not in residuals}
                 with torch.no_grad():
                     conditional_laplace(
                         self._plain_model[0], args, kwargs, residuals, initial, torch.Size(), True

@@ -125,6 +125,8 @@ class BlockBidiagonalFactor:
     @property
     def scales(self) -> Tensor:
         """:math:`S_t = C_t^{-1}`: the chain's noise factor at every step (lower triangular)."""
+        if self.diagonal.shape[-1] == 1:
+            return self.diagonal.reciprocal()
         identity = torch.eye(self.diagonal.shape[-1]).to(self.diagonal)
         return torch.linalg.solve_triangular(self.diagonal, identity, upper=False)
 
@@ -132,6 +134,8 @@ class BlockBidiagonalFactor:
     def gains(self) -> Tensor:
         """:math:`M_t = -C_t^{-1} F_t`: how the chain's mean at step ``t`` follows the state
         before (:math:`M_0 = 0`)."""
+        if self.diagonal.shape[-1] == 1:
+            return -self.below / self.diagonal
         return -torch.linalg.solve_triangular(self.diagonal, self.below, upper=False)
 
     def solve(self, rhs: Tensor) -> Tensor:
@@ -139,13 +143,16 @@ class BlockBidiagonalFactor:
         g` backward in time, :math:`w_t = S_t^\top (g_t - F_{t+1}^\top w_{t+1})`, then
         :math:`A d = w` forward, :math:`d_t = M_t d_{t-1} + S_t w_t`; each a linear recurrence
         solved by :func:`~pyro_arflow.recurrences.linear_recurrence`."""
-        scales = self.scales
-        backward = -(self.below[1:] @ scales[:-1]).mT  # maps w_{t+1} to w_t, t = 0 .. T-2
+        scales, below, gains = self.scales, self.below, self.gains
+        if rhs.shape[-1] == 1:  # 1 x 1 blocks: the same recurrences, elementwise
+            scales, below, gains = scales[..., 0], below[..., 0], gains[..., 0]
+            backward = -below[1:] * scales[:-1]  # maps w_{t+1} to w_t, t = 0 .. T-2
+            w = linear_recurrence(backward.flip(0), (scales * rhs).flip(0)).flip(0)
+            return linear_recurrence(gains[1:], scales * w)
+        backward = -(below[1:] @ scales[:-1]).mT
         offsets = (scales.mT @ rhs.unsqueeze(-1)).squeeze(-1)
         w = linear_recurrence(backward.flip(0), offsets.flip(0), matrix=True).flip(0)
-        return linear_recurrence(
-            self.gains[1:], (scales @ w.unsqueeze(-1)).squeeze(-1), matrix=True
-        )
+        return linear_recurrence(gains[1:], (scales @ w.unsqueeze(-1)).squeeze(-1), matrix=True)
 
 
 def _scalar_pivots(diagonal: Tensor, below: Tensor) -> Tensor:
@@ -442,7 +449,7 @@ def chain_parameters(
         reference = reference.unsqueeze(-1)
     noise_factor, gains = factor.scales, factor.gains
     identity = torch.eye(states.shape[-1]).to(states)
-    later = gains[1:] @ torch.linalg.pinv(jacobian) - identity
+    later = gains[1:] @ _pseudo_inverse(jacobian) - identity
     mix = torch.cat((torch.zeros_like(later[:1]), later))
     low, high = MIX_BOUNDS
     margin = 1e-3 * (high - low)
@@ -456,6 +463,15 @@ def chain_parameters(
         return ResidualParts(shift, log_scale, bounded_mix_inverse(mix), lower)
     free_mix = bounded_mix_inverse(mix[..., 0, 0])
     return ResidualParts(shift.squeeze(-1), log_scale.squeeze(-1), free_mix)
+
+
+def _pseudo_inverse(matrices: Tensor) -> Tensor:
+    """The pseudo-inverse of each ``(k, k)`` matrix; for ``k = 1`` a reciprocal (0 for 0),
+    without the SVD."""
+    if matrices.shape[-1] > 1:
+        return torch.linalg.pinv(matrices)
+    nonzero = matrices != 0
+    return torch.where(nonzero, 1 / torch.where(nonzero, matrices, 1), 0)
 
 
 def conditional_laplace(

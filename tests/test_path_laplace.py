@@ -129,7 +129,17 @@ def exact_gaussian(model, guide) -> torch.distributions.MultivariateNormal:
     return torch.distributions.MultivariateNormal(mean, precision_matrix=precision)
 
 
-@pytest.mark.parametrize("model", [scalar_model, vector_model], ids=["scalar", "vector"])
+def independent_model(data):
+    """A "path" whose step does not read the state before it: its Jacobian is zero."""
+    x = pyro.sample("x", af.GaussianPath(lambda x, t: (0.3, 0.7), dist.Normal(0.5, 1.0), len(data)))
+    pyro.sample("y", dist.Normal(x, 0.4).mask(OBSERVED).to_event(1), obs=data)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [scalar_model, vector_model, independent_model],
+    ids=["scalar", "vector", "independent"],
+)
 def test_the_warm_start_is_a_linear_gaussian_paths_exact_posterior(model):
     guide = af.AutoARFlow(model)
     found = af.laplace_warm_start(model, guide, DATA)
