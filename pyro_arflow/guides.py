@@ -121,7 +121,7 @@ class AutoARFlow(AutoContinuous):
             globals, drawn first by the flow); ``"laplace"``: the same, the residual added to
             the path's Laplace approximation given each draw of the globals
             (:func:`~pyro_arflow.path_laplace.conditional_laplace`: a linear-Gaussian path's
-            exact conditional, at two to eight times the step's cost); ``"flat"``: every
+            exact conditional, at two to five times the step's cost); ``"flat"``: every
             latent goes into the flow. A model without such sites gets the flow alone either
             way. A path's residual starts at zero: as built, the guide's law of the path is
             the prior's at the initial globals (each draw's Laplace approximation about the
