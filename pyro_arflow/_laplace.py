@@ -34,14 +34,27 @@ def log_density(model: Callable, guide: Any, latent: Tensor, args: tuple, kwargs
     return trace.log_prob_sum() + log_jacobian
 
 
+NOT_POSITIVE_DEFINITE = f"the Hessian at the mode is not positive definite: {NO_MODE}"
+
+
 def reversed_cholesky(precision: Tensor) -> Tensor:
     """``C`` lower triangular with a positive diagonal and ``C^T C = precision`` (batched over
     leading dimensions): the Cholesky factor of the reversed matrix, reversed. ``ValueError``
     unless ``precision`` is positive definite."""
+    factor, positive = reversed_cholesky_ex(precision)
+    if not bool(positive.all()):
+        raise ValueError(NOT_POSITIVE_DEFINITE)
+    return factor
+
+
+def reversed_cholesky_ex(precision: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`reversed_cholesky` and, per matrix, whether it is positive definite; where it is
+    not, the factor is the identity."""
     cholesky, info = torch.linalg.cholesky_ex(precision.flip(-2, -1))
-    if bool((info != 0).any()) or not bool(torch.isfinite(cholesky).all()):
-        raise ValueError(f"the Hessian at the mode is not positive definite: {NO_MODE}")
-    return cholesky.flip(-2, -1).mT
+    positive = (info == 0) & torch.isfinite(cholesky).all((-2, -1))
+    identity = torch.eye(precision.shape[-1], dtype=precision.dtype, device=precision.device)
+    cholesky = torch.where(positive[..., None, None], cholesky, identity)
+    return cholesky.flip(-2, -1).mT, positive
 
 
 def find_mode(

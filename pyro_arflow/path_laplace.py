@@ -47,7 +47,13 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
-from ._laplace import NEWTON_STEPS, NO_MODE, find_mode, log_density, reversed_cholesky
+from ._laplace import (
+    NEWTON_STEPS,
+    NOT_POSITIVE_DEFINITE,
+    find_mode,
+    log_density,
+    reversed_cholesky_ex,
+)
 from ._params import module_context
 from .recurrences import linear_recurrence, step_jacobian
 from .structured import (
@@ -104,23 +110,36 @@ class BlockBidiagonalFactor:
         :math:`F_t = C_t^{-\top} H_{t, t-1}`. Scalar states take the sweep in
         :math:`\lceil \log_2 T \rceil` parallel rounds (:func:`_scalar_pivots`), blocks in
         :math:`T` steps. ``ValueError`` unless ``H`` is positive definite."""
+        factor, positive = cls.from_blocks_ex(diagonal, below)
+        if not bool(positive.all()):
+            raise ValueError(NOT_POSITIVE_DEFINITE)
+        return factor
+
+    @classmethod
+    def from_blocks_ex(
+        cls, diagonal: Tensor, below: Tensor
+    ) -> tuple[BlockBidiagonalFactor, Tensor]:
+        """:meth:`from_blocks` and, per batch member, whether its precision is positive
+        definite (where it is not, the factor is finite and meaningless)."""
         if diagonal.shape[-1] == 1:
             pivots = _scalar_pivots(diagonal[..., 0, 0], below[..., 0, 0])
-            if not bool((pivots > 0).all()) or not bool(torch.isfinite(pivots).all()):
-                raise ValueError(f"the Hessian at the mode is not positive definite: {NO_MODE}")
-            roots = pivots.sqrt()[..., None, None]
-            return cls(roots, torch.cat((torch.zeros_like(below[:1]), below[1:] / roots[1:])))
+            positive = ((pivots > 0) & torch.isfinite(pivots)).all(0)
+            roots = torch.where(positive, pivots, 1).sqrt()[..., None, None]
+            below = torch.cat((torch.zeros_like(below[:1]), below[1:] / roots[1:]))
+            return cls(roots, below), positive
         num_steps = len(diagonal)
         blocks: list[Tensor] = [diagonal.new_empty(0)] * num_steps
         belows: list[Tensor] = [torch.zeros_like(diagonal[0])] * num_steps
+        positive = torch.ones(diagonal.shape[1:-2], dtype=torch.bool, device=diagonal.device)
         remaining = diagonal[-1]
         for t in range(num_steps - 1, -1, -1):
-            blocks[t] = reversed_cholesky(remaining)
+            blocks[t], positive_here = reversed_cholesky_ex(remaining)
+            positive = positive & positive_here
             if t == 0:
                 break
             belows[t] = torch.linalg.solve_triangular(blocks[t].mT, below[t], upper=True, left=True)
             remaining = diagonal[t - 1] - belows[t].mT @ belows[t]
-        return cls(torch.stack(blocks), torch.stack(belows))
+        return cls(torch.stack(blocks), torch.stack(belows)), positive
 
     @property
     def scales(self) -> Tensor:
@@ -465,6 +484,21 @@ def chain_parameters(
     return ResidualParts(shift.squeeze(-1), log_scale.squeeze(-1), free_mix)
 
 
+def _gershgorin_lift(diagonal: Tensor, below: Tensor) -> Tensor:
+    r"""Diagonal blocks raised just enough that each dominates its block row: the smallest
+    eigenvalue of :math:`H_{tt}` past the norms of :math:`H_{t,t-1}` and :math:`H_{t+1,t}`
+    (by a thousandth of their sum and its own size), which makes the block tridiagonal matrix
+    positive definite (block Gershgorin); rows that already dominate are left as they are."""
+    coupling = torch.linalg.matrix_norm(below)  # Frobenius, at least the spectral norm
+    coupling = torch.cat((torch.zeros_like(coupling[:1]), coupling[1:]))
+    radius = coupling + torch.cat((coupling[1:], torch.zeros_like(coupling[:1])))
+    lowest = torch.linalg.eigvalsh(diagonal)[..., 0]
+    margin = 1e-3 * (radius + lowest.abs())
+    lift = (radius + margin - lowest).clamp(min=0)
+    identity = torch.eye(diagonal.shape[-1], dtype=diagonal.dtype, device=diagonal.device)
+    return diagonal + lift[..., None, None] * identity
+
+
 def _pseudo_inverse(matrices: Tensor) -> Tensor:
     """The pseudo-inverse of each ``(k, k)`` matrix; for ``k = 1`` a reciprocal (0 for 0),
     without the SVD."""
@@ -492,8 +526,10 @@ def conditional_laplace(
     and the chain of :math:`H`'s factor about :math:`\hat x` (:func:`chain_parameters`). For a
     linear-Gaussian path this is the exact conditional posterior at every :math:`\theta`
     (INLA's Gaussian conditional, Rue, Martino and Chopin 2009); for a nonlinear one, its
-    Gaussian approximation about :math:`\bar x`. Differentiable in the globals when gradients
-    are on.
+    Gaussian approximation about :math:`\bar x`. A draw whose :math:`H` is not positive
+    definite takes :math:`H` with its diagonal blocks raised until each dominates its row
+    (block Gershgorin), for the factor and the Newton step alike; the other draws do
+    not see it. Differentiable in the globals when gradients are on.
 
     Arguments:
         residuals: each path site's residual, whose ``linearization`` is :math:`\bar x`.
@@ -528,7 +564,11 @@ def conditional_laplace(
             gradient, diagonal, below = gradient_and_blocks(
                 negative_log_density, point, differentiable, check
             )
-            factor = BlockBidiagonalFactor.from_blocks(diagonal, below)
+            factor, positive = BlockBidiagonalFactor.from_blocks_ex(diagonal, below)
+            if not bool(positive.all()):  # those draws take a positive-definite stand-in
+                lifted = _gershgorin_lift(diagonal, below)
+                diagonal = torch.where(positive[None, ..., None, None], diagonal, lifted)
+                factor = BlockBidiagonalFactor.from_blocks(diagonal, below)
             mean = _site_shaped(point - factor.solve(gradient), state_dims)
             reference = residual.reference
             reference = reference.view(

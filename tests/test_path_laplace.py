@@ -13,7 +13,11 @@ from torch.autograd.functional import hessian, jacobian
 
 import pyro_arflow as af
 from pyro_arflow._laplace import log_density
-from pyro_arflow.path_laplace import BlockBidiagonalFactor, block_tridiagonal_hessian
+from pyro_arflow.path_laplace import (
+    BlockBidiagonalFactor,
+    block_tridiagonal_hessian,
+    conditional_laplace,
+)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -344,3 +348,66 @@ def test_per_draw_laplace_integrates_the_path_out_with_its_gradient():
 def test_per_draw_laplace_refuses_a_likelihood_that_is_not_markov_when_built():
     with pytest.raises(ValueError, match="not block tridiagonal"):
         af.AutoARFlow(skipping_model, paths="laplace")(DATA)
+
+
+def bumped(data):
+    """An AR(1) path with a potential whose curvature a global sets: at a large enough
+    ``bump`` the path's Hessian is not positive definite where no observation holds it."""
+    bump = pyro.sample("bump", dist.Normal(0.0, 1.0))
+    path = af.GaussianPath(lambda x, t: (0.8 * x, 0.7), dist.Normal(0.0, 1.0), len(data))
+    x = pyro.sample("x", path)
+    pyro.factor("curvature", 1.5 * bump * x.square().sum(-1))
+    pyro.sample("y", dist.Normal(x, 0.4).mask(OBSERVED).to_event(1), obs=data)
+
+
+def test_per_draw_laplace_draws_without_a_positive_definite_hessian_take_a_stand_in():
+    """Where a draw's Hessian is not positive definite, that draw alone gets a block-Gershgorin
+    lift of it: its parts are finite, its guide density is a density, and another draw's parts
+    are what they are without it in the batch."""
+    guide = af.AutoARFlow(bumped, paths="laplace", hidden_dims=[8])
+    guide(DATA)
+    residuals = {"x": guide.paths[0]}
+
+    def negative_log_joint(path):
+        latent = torch.cat((torch.tensor([1.5]), path))
+        conditioned = pyro.poutine.condition(bumped, data=guide._constrain(latent))
+        return -pyro.poutine.trace(conditioned).get_trace(DATA).log_prob_sum()
+
+    curvature = hessian(negative_log_joint, residuals["x"].linearization)
+    assert torch.linalg.eigvalsh(curvature)[0] < 0  # bump = 1.5: not positive definite
+
+    def parts(bumps):
+        values = {"bump": torch.tensor(bumps)}
+        batch = torch.Size([len(bumps)])
+        found = conditional_laplace(bumped, (DATA,), {}, residuals, values, batch)["x"]
+        return dict(found.items())
+
+    mixed, alone = parts([0.2, 1.5]), parts([0.2])
+    for name, value in mixed.items():
+        assert torch.isfinite(value).all(), name
+        assert torch.allclose(value[:, 0], alone[name][:, 0], atol=1e-12), name
+
+    def log_q(path):
+        latent = torch.cat((torch.tensor([1.5]), path))
+        return guide.get_posterior(DATA).log_prob(latent)
+
+    # the guide's law of the path is Gaussian with a precision P that differs from the
+    # Hessian H only on the diagonal, by a lift >= 0, zero on the rows that dominate in H; its
+    # gradient at the linearization path is the model's (one Newton step with P for H)
+    point = residuals["x"].linearization
+    precision = -hessian(log_q, point)
+    lift = (precision - curvature).diagonal()
+    assert torch.allclose(precision - curvature, torch.diag(lift))
+    assert (lift > -1e-10).all() and (lift > 1).any()
+    rows = curvature.diagonal() - (curvature.abs().sum(-1) - curvature.diagonal().abs())
+    assert torch.allclose(lift[rows > 0.01], torch.zeros(1))
+    assert torch.linalg.eigvalsh(precision)[0] > 0
+    model_gradient = -torch.func.grad(negative_log_joint)(point)
+    at_point = point.clone().requires_grad_()
+    (guide_gradient,) = torch.autograd.grad(log_q(at_point), at_point)
+    assert torch.allclose(guide_gradient, model_gradient, atol=1e-8)
+    bump = torch.tensor([1.5], requires_grad=True)  # and gradients reach the globals, finite
+    (bump_gradient,) = torch.autograd.grad(
+        guide.get_posterior(DATA).log_prob(torch.cat((bump, point))), bump
+    )
+    assert torch.isfinite(bump_gradient).all()
