@@ -106,30 +106,45 @@ def scalar_model(data):
     pyro.sample("y", dist.Normal(x, 0.4).mask(OBSERVED).to_event(1), obs=data)
 
 
-def vector_model(data):
-    """A linear path of 2-vectors (a damped turn), a combination of them observed."""
+def observed_turn(data, turn, noise):
+    """A linear path of 2-vectors turned by ``turn`` at each step, a combination of them
+    observed with noise ``noise``."""
     path = af.GaussianPath(
-        lambda x, t: ((TURN @ x.unsqueeze(-1)).squeeze(-1), torch.tensor([0.5, 0.3])),
+        lambda x, t: ((turn @ x.unsqueeze(-1)).squeeze(-1), torch.tensor([0.5, 0.3])),
         dist.Normal(torch.zeros(2), 1.0).to_event(1),
         len(data),
     )
     x = pyro.sample("x", path)
     seen = x[..., 0] + 0.5 * x[..., 1]
-    pyro.sample("y", dist.Normal(seen, 0.3).mask(OBSERVED).to_event(1), obs=data)
+    pyro.sample("y", dist.Normal(seen, noise).mask(OBSERVED).to_event(1), obs=data)
 
 
-def exact_gaussian(model, guide) -> torch.distributions.MultivariateNormal:
-    """A Gaussian model's exact posterior over the latent vector, by dense algebra."""
+def vector_model(data):
+    """A linear path of 2-vectors (a damped turn), a combination of them observed."""
+    observed_turn(data, TURN, 0.3)
 
-    def negative_log_joint(latent):
-        values = guide._constrain(latent)
-        conditioned = pyro.poutine.condition(model, data=values)
-        return -pyro.poutine.trace(conditioned).get_trace(DATA).log_prob_sum()
 
-    zero = torch.zeros(guide.latent_dim)
+def path_negative_log_joint(model, guide, theta=None, data=DATA):
+    """-log p(x, y | theta) as a function of the path ``x`` (flat), the unconstrained globals
+    held at ``theta`` (``None``: a model without globals)."""
+
+    def negative_log_joint(path):
+        latent = path if theta is None else torch.cat((theta, path))
+        conditioned = pyro.poutine.condition(model, data=guide._constrain(latent))
+        return -pyro.poutine.trace(conditioned).get_trace(data).log_prob_sum()
+
+    return negative_log_joint
+
+
+def exact_conditional(
+    model, guide, theta: torch.Tensor | None = None
+) -> torch.distributions.MultivariateNormal:
+    """A linear-Gaussian path's exact law given the unconstrained globals ``theta`` (for a
+    model without globals, its exact posterior)."""
+    negative_log_joint = path_negative_log_joint(model, guide, theta)
+    zero = torch.zeros(guide.latent_dim - (0 if theta is None else len(theta)))
     precision = hessian(negative_log_joint, zero)
-    gradient = torch.func.grad(negative_log_joint)(zero)
-    mean = -torch.linalg.solve(precision, gradient)
+    mean = -torch.linalg.solve(precision, torch.func.grad(negative_log_joint)(zero))
     return torch.distributions.MultivariateNormal(mean, precision_matrix=precision)
 
 
@@ -148,7 +163,7 @@ def test_the_warm_start_is_a_linear_gaussian_paths_exact_posterior(model):
     guide = af.AutoARFlow(model)
     found = af.laplace_warm_start(model, guide, DATA)
     assert isinstance(found, af.PathLaplaceApproximation) and found.globals is None
-    exact = exact_gaussian(model, guide)
+    exact = exact_conditional(model, guide)
     latents = exact.sample((5,)) + torch.randn(5, guide.latent_dim)  # anywhere
     assert torch.allclose(guide.get_posterior(DATA).log_prob(latents), exact.log_prob(latents))
     assert torch.allclose(found.modes["x"].reshape(-1), exact.mean, atol=1e-8)
@@ -173,16 +188,7 @@ def test_given_the_initial_globals_the_path_is_its_exact_conditional():
     found = af.laplace_warm_start(ar1_with_globals, guide, DATA)
     theta = found.globals
     assert torch.equal(theta, guide.loc.detach())
-
-    def negative_log_joint(path):
-        latent = torch.cat((theta, path))
-        conditioned = pyro.poutine.condition(ar1_with_globals, data=guide._constrain(latent))
-        return -pyro.poutine.trace(conditioned).get_trace(DATA).log_prob_sum()
-
-    zero = torch.zeros(len(DATA))
-    precision = hessian(negative_log_joint, zero)
-    mean = -torch.linalg.solve(precision, torch.func.grad(negative_log_joint)(zero))
-    exact = torch.distributions.MultivariateNormal(mean, precision_matrix=precision)
+    exact = exact_conditional(ar1_with_globals, guide, theta)
     paths = exact.sample((4,)) + torch.randn(4, len(DATA))
     latents = torch.cat((theta.expand(4, 2), paths), dim=-1)
     guide_density = guide.get_posterior(DATA).log_prob(latents)
@@ -213,10 +219,7 @@ def test_a_nonlinear_path_starts_through_its_mode_with_the_laplace_covariance():
     zero = torch.zeros(guide.latent_dim)
     assert torch.allclose(transform(zero), found.modes["x"].reshape(-1), atol=1e-8)
 
-    def negative_log_joint(latent):
-        conditioned = pyro.poutine.condition(pendulum, data=guide._constrain(latent))
-        return -pyro.poutine.trace(conditioned).get_trace(data).log_prob_sum()
-
+    negative_log_joint = path_negative_log_joint(pendulum, guide, data=data)
     mode = found.modes["x"].reshape(-1)
     assert torch.func.grad(negative_log_joint)(mode).abs().max() < 1e-6
     linear = jacobian(transform, zero)
@@ -270,29 +273,7 @@ def turning_with_globals(data):
     """The damped turn of 2-vectors, its damping and the observations' noise unknown."""
     damping = pyro.sample("damping", dist.Uniform(0.5, 1.0))
     noise = pyro.sample("noise", dist.HalfNormal(1.0))
-    turn = damping.unsqueeze(-1).unsqueeze(-1) * TURN
-    path = af.GaussianPath(
-        lambda x, t: ((turn @ x.unsqueeze(-1)).squeeze(-1), torch.tensor([0.5, 0.3])),
-        dist.Normal(torch.zeros(2), 1.0).to_event(1),
-        len(data),
-    )
-    x = pyro.sample("x", path)
-    seen = x[..., 0] + 0.5 * x[..., 1]
-    pyro.sample("y", dist.Normal(seen, noise.unsqueeze(-1)).mask(OBSERVED).to_event(1), obs=data)
-
-
-def exact_conditional(model, guide, theta) -> torch.distributions.MultivariateNormal:
-    """A linear-Gaussian path's exact law given the unconstrained globals ``theta``."""
-
-    def negative_log_joint(path):
-        latent = torch.cat((theta, path))
-        conditioned = pyro.poutine.condition(model, data=guide._constrain(latent))
-        return -pyro.poutine.trace(conditioned).get_trace(DATA).log_prob_sum()
-
-    zero = torch.zeros(guide.latent_dim - len(theta))
-    precision = hessian(negative_log_joint, zero)
-    mean = -torch.linalg.solve(precision, torch.func.grad(negative_log_joint)(zero))
-    return torch.distributions.MultivariateNormal(mean, precision_matrix=precision)
+    observed_turn(data, damping.unsqueeze(-1).unsqueeze(-1) * TURN, noise.unsqueeze(-1))
 
 
 @pytest.mark.parametrize(
@@ -368,11 +349,7 @@ def test_per_draw_laplace_draws_without_a_positive_definite_hessian_take_a_stand
     guide(DATA)
     residuals = {"x": guide.paths[0]}
 
-    def negative_log_joint(path):
-        latent = torch.cat((torch.tensor([1.5]), path))
-        conditioned = pyro.poutine.condition(bumped, data=guide._constrain(latent))
-        return -pyro.poutine.trace(conditioned).get_trace(DATA).log_prob_sum()
-
+    negative_log_joint = path_negative_log_joint(bumped, guide, torch.tensor([1.5]))
     curvature = hessian(negative_log_joint, residuals["x"].linearization)
     assert torch.linalg.eigvalsh(curvature)[0] < 0  # bump = 1.5: not positive definite
 
