@@ -270,7 +270,7 @@ def gradient_and_blocks(
             raise ValueError(
                 "the model's log density couples a path's states further apart than "
                 "neighbours (or one path's batch members with each other): its Hessian is not "
-                "block tridiagonal in time, which the Markov warm start needs"
+                "block tridiagonal in time, which the paths' Laplace approximation needs"
             )
     return gradient if differentiable else gradient.detach(), diagonal, below
 

@@ -125,8 +125,9 @@ class PathResidual(nn.Module):
             self.context_net = nn.Sequential(*layers, output).to(reference)
 
     def _parts(self) -> list[Tensor]:
-        parts = [self.shift, self.log_scale, self.mix]
-        return parts if self.lower is None else [*parts, self.lower]
+        """The residual's own free parameters, in :class:`ResidualParts`' order."""
+        own = ResidualParts(self.shift, self.log_scale, self.mix, self.lower)
+        return [part for _, part in own.items()]
 
     def correction(
         self, context: Tensor | None, batch_dims: int, base: ResidualParts | None = None
@@ -149,9 +150,14 @@ class PathResidual(nn.Module):
             ):
                 offset = offset.view(context.shape[:-1] + part.shape).movedim(batch_dims, 0)
                 parts[index] = parts[index] + offset
-        shift, log_scale, mix = parts[:3]
-        lower = parts[3] if self.lower is not None else None
-        return PathCorrection(shift, bounded_mix(mix), log_scale, spread(self.reference), lower)
+        total = ResidualParts(*parts)
+        return PathCorrection(
+            total.shift,
+            bounded_mix(total.mix),
+            total.log_scale,
+            spread(self.reference),
+            total.lower,
+        )
 
 
 MIX_BOUNDS = (-1.0, 0.1)
