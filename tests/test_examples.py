@@ -106,3 +106,13 @@ def test_seed_study_writes_one_row_per_fit_and_the_spread(tmp_path):
     rows = table_rows(tmp_path / "quality_seeds.md")
     # two seeds and their spread for each variant; no per-draw Laplace where there are no globals
     assert rows.count("volatility (T=200)") == 9 and rows.count("Lorenz bridge") == 6
+
+
+def test_coverage_study_scores_every_data_set_against_nuts_on_it(tmp_path):
+    arguments = ["--length", "60", "--datasets", "2", "--steps", "15", "--draws", "200"]
+    run("benchmarks/quality/coverage.py", *arguments, "--mcmc-draws", "5", out=tmp_path)
+    summary = table_rows(tmp_path / "quality_coverage_T60.md")
+    assert summary == ["NUTS (the reference)", "AutoNormal", PRIOR_STRUCTURED]
+    by_data_set = table_rows(tmp_path / "quality_coverage_T60_by_data_set.md")
+    assert by_data_set == ["20261125"] * 3 + ["20261126"] * 3
+    assert_figure(tmp_path / "quality_coverage_T60.png")

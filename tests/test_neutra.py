@@ -52,7 +52,8 @@ def trained_guide(model, steps: int, **guide_kwargs) -> af.AutoARFlow:
 
 def nuts_draws(model, warmup: int, draws: int, seed: int = 0) -> dict[str, torch.Tensor]:
     pyro.set_rng_seed(seed)
-    mcmc = MCMC(NUTS(model), num_samples=draws, warmup_steps=warmup, disable_progbar=True)
+    kernel = NUTS(model, jit_compile=True, ignore_jit_warnings=True)
+    mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=True)
     mcmc.run()
     return mcmc.get_samples()
 

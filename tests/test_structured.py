@@ -137,7 +137,10 @@ def test_fit_reaches_the_exact_posterior_of_a_linear_gaussian_path():
     guide = af.AutoARFlow(local_level)
     result = af.fit(local_level, guide, WALK, max_steps=6000, progress=False)
     assert result.converged
-    draws = Predictive(local_level, guide=guide, num_samples=20000, return_sites=["level"])(WALK)
+    predictive = Predictive(
+        local_level, guide=guide, num_samples=20000, parallel=True, return_sites=["level"]
+    )
+    draws = predictive(WALK)
     mean, sd = exact_local_level(WALK)
     error = (draws["level"].mean(0) - mean).abs() / sd
     log_sd_error = (draws["level"].std(0) / sd).log().abs()

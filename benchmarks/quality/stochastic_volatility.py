@@ -80,6 +80,7 @@ REFERENCES = {
 """The lengths with a NUTS reference: T=200 (2 chains x 2000 draws at target acceptance
 0.95) and T=2500 (2 chains x 1000 draws after 500 warm-up steps, at 0.9)."""
 GLOBALS = ("persistence", "mean", "shock")
+REFERENCE_ROW = "NUTS (the reference)"
 
 
 def model(returns: torch.Tensor) -> None:
@@ -128,10 +129,11 @@ def path_from_innovations(mean, persistence, shock, innovations) -> torch.Tensor
     return mean + linear_recurrence(coefficients, shocks).movedim(0, -1)
 
 
-def simulate(length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The true log-volatility path and ``length`` returns, from the fixed data seed."""
+def simulate(length: int, data_seed: int = DATA_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true log-volatility path and ``length`` returns, from ``data_seed`` (the
+    benchmark's data by default)."""
     with torch.random.fork_rng():
-        torch.manual_seed(DATA_SEED)
+        torch.manual_seed(data_seed)
         truth = ar1_path(
             torch.tensor(TRUE_MEAN), torch.tensor(TRUE_PERSISTENCE), TRUE_SHOCK, length
         )
@@ -161,20 +163,32 @@ GUIDES = guides_for(REFERENCE_LENGTH)
 def regenerate_reference(length: int, seed: int) -> None:
     if length not in REFERENCES:
         raise SystemExit(f"references are kept for T in {sorted(REFERENCES)}, not {length}")
-    warmup, draws, target = (1000, 2000, 0.95) if length == REFERENCE_LENGTH else (500, 1000, 0.9)
     true_log_vol, returns = simulate(length)
-    run = run_nuts(non_centered_model, (returns,), 2, warmup, draws, seed, target_accept=target)
+    run = reference_nuts(returns, seed)
+    write_reference(REFERENCES[length], run)
+    # NUTS's own scores against the simulated path: what the exact posterior gives there
+    draws = run.draws["log_vol"].flatten(0, 1)
+    summary = json.loads(REFERENCES[length].read_text())
+    summary["against_truth"] = against_truth(draws, path_band(draws), true_log_vol)
+    REFERENCES[length].write_text(json.dumps(summary, indent=1))
+
+
+def reference_nuts(returns: torch.Tensor, seed: int, draws: int | None = None) -> Chains:
+    """The reference sampler: 2 NUTS chains on the non-centered model (T = 200: 2000 draws
+    after 1000 warm-up steps at target acceptance 0.95; longer series: 1000 after 500 at 0.9),
+    the path recovered from the innovations. ``draws``: that many per chain after as many
+    warm-up steps instead (short runs that check a script)."""
+    warmup, kept, target = (
+        (1000, 2000, 0.95) if len(returns) == REFERENCE_LENGTH else (500, 1000, 0.9)
+    )
+    if draws is not None:
+        warmup, kept = draws, draws
+    run = run_nuts(non_centered_model, (returns,), 2, warmup, kept, seed, target_accept=target)
     innovations = run.draws.pop("innovations")
     run.draws["log_vol"] = path_from_innovations(
         run.draws["mean"], run.draws["persistence"], run.draws["shock"], innovations
     )
-    write_reference(REFERENCES[length], run)
-    # NUTS's own scores against the simulated path: what the exact posterior gives there
-    draws = run.draws["log_vol"].flatten(0, 1)
-    band = torch.quantile(draws, torch.tensor([0.05, 0.5, 0.95]), dim=0)
-    summary = json.loads(REFERENCES[length].read_text())
-    summary["against_truth"] = scores({"log_vol": draws}, None, true_log_vol, band)
-    REFERENCES[length].write_text(json.dumps(summary, indent=1))
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -203,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             rows.append({"guide": name, **fit_columns(fit, model, guide, (returns,), args.draws)})
             continue
         draws = guide_draws(model, guide, (returns,), args.draws, ["log_vol", *GLOBALS])
-        bands[name] = torch.quantile(draws["log_vol"], torch.tensor([0.05, 0.5, 0.95]), dim=0)
+        bands[name] = path_band(draws["log_vol"])
         rows.append(
             {
                 "guide": name,
@@ -217,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             }
         )
     if reference is not None and "against_truth" in reference:
-        rows.append({"guide": "NUTS (the reference)", **reference["against_truth"]})
+        rows.append({"guide": REFERENCE_ROW, **reference["against_truth"]})
     # the reference length's results, and each other length's under its own name
     suffix = "" if args.length == REFERENCE_LENGTH else f"_T{args.length}"
     name = "quality_stochastic_volatility" + suffix
@@ -245,15 +259,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
+def path_band(log_vol: torch.Tensor) -> torch.Tensor:
+    """The 5%, 50% and 95% quantiles of each state, from draws shaped ``(draws, T)``."""
+    return torch.quantile(log_vol, torch.tensor([0.05, 0.5, 0.95]), dim=0)
+
+
+def against_truth(
+    log_vol: torch.Tensor, band: torch.Tensor, true_log_vol: torch.Tensor
+) -> dict[str, float]:
+    """The share of the simulated path inside the 90% ``band`` and the RMSE of the draws'
+    mean path (``log_vol`` shaped ``(draws, T)``) against it."""
+    low, _, high = band
+    return {
+        "90% band coverage": ((true_log_vol >= low) & (true_log_vol <= high)).float().mean().item(),
+        "path RMSE": math.sqrt(((log_vol.mean(0) - true_log_vol) ** 2).mean().item()),
+    }
+
+
 def scores(draws, reference, true_log_vol, band) -> dict[str, float]:
     """Against NUTS (when there is a reference) and against the simulated path."""
-    low, _, high = band
-    against_truth = {
-        "90% band coverage": ((true_log_vol >= low) & (true_log_vol <= high)).float().mean().item(),
-        "path RMSE": math.sqrt(((draws["log_vol"].mean(0) - true_log_vol) ** 2).mean().item()),
-    }
+    truth_scores = against_truth(draws["log_vol"], band, true_log_vol)
     if reference is None:
-        return against_truth
+        return truth_scores
     error, log_sd = posterior_error(draws, reference, ["log_vol", *GLOBALS])
     globals_error, globals_log_sd = posterior_error(draws, reference, GLOBALS)
     return {
@@ -261,7 +288,7 @@ def scores(draws, reference, true_log_vol, band) -> dict[str, float]:
         "log-sd err": log_sd,
         "globals mean err (sd)": globals_error,
         "globals log-sd err": globals_log_sd,
-        **against_truth,
+        **truth_scores,
     }
 
 
@@ -296,7 +323,7 @@ def compare_samplers(guide, returns, reference, true_log_vol, args) -> list[dict
         per_chain = {s: sites[s].unflatten(0, (2, -1)) for s in ("log_vol", *GLOBALS)}
         summary = Chains(per_chain, run.seconds, run.divergences, run.settings).summary()
         draws = {s: v.flatten(0, 1) for s, v in per_chain.items()}
-        band = torch.quantile(draws["log_vol"], torch.tensor([0.05, 0.5, 0.95]), dim=0)
+        band = path_band(draws["log_vol"])
         rows.append(
             {
                 "guide": name,
