@@ -107,9 +107,9 @@ class BlockBidiagonalFactor:
         r"""The factor of the precision with diagonal blocks ``diagonal`` (:math:`H_{tt}`) and
         blocks ``below`` (:math:`H_{t, t-1}`; the first ignored), both ``(T, *batch, k, k)``,
         by one backward sweep: :math:`C_t^\top C_t = H_{tt} - F_{t+1}^\top F_{t+1}`,
-        :math:`F_t = C_t^{-\top} H_{t, t-1}`. Scalar states take the sweep in
-        :math:`\lceil \log_2 T \rceil` parallel rounds (:func:`_scalar_pivots`), blocks in
-        :math:`T` steps. ``ValueError`` unless ``H`` is positive definite."""
+        :math:`F_t = C_t^{-\top} H_{t, t-1}`, taken in :math:`\lceil \log_2 T \rceil` parallel
+        rounds (:func:`_scalar_pivots` for scalar states, :func:`_block_pivots` for blocks).
+        ``ValueError`` unless ``H`` is positive definite."""
         factor, positive = cls.from_blocks_ex(diagonal, below)
         if not bool(positive.all()):
             raise ValueError(NOT_POSITIVE_DEFINITE)
@@ -127,19 +127,11 @@ class BlockBidiagonalFactor:
             roots = torch.where(positive, pivots, 1).sqrt()[..., None, None]
             below = torch.cat((torch.zeros_like(below[:1]), below[1:] / roots[1:]))
             return cls(roots, below), positive
-        num_steps = len(diagonal)
-        blocks: list[Tensor] = [diagonal.new_empty(0)] * num_steps
-        belows: list[Tensor] = [torch.zeros_like(diagonal[0])] * num_steps
-        positive = torch.ones(diagonal.shape[1:-2], dtype=torch.bool, device=diagonal.device)
-        remaining = diagonal[-1]
-        for t in range(num_steps - 1, -1, -1):
-            blocks[t], positive_here = reversed_cholesky_ex(remaining)
-            positive = positive & positive_here
-            if t == 0:
-                break
-            belows[t] = torch.linalg.solve_triangular(blocks[t].mT, below[t], upper=True, left=True)
-            remaining = diagonal[t - 1] - belows[t].mT @ belows[t]
-        return cls(torch.stack(blocks), torch.stack(belows)), positive
+        pivots, eliminated = _block_pivots(diagonal, below)
+        blocks, positive = reversed_cholesky_ex(pivots)
+        positive = positive.all(0) & eliminated
+        belows = torch.linalg.solve_triangular(blocks[1:].mT, below[1:], upper=True, left=True)
+        return cls(blocks, torch.cat((torch.zeros_like(below[:1]), belows))), positive
 
     @property
     def scales(self) -> Tensor:
@@ -200,6 +192,49 @@ def _scalar_pivots(diagonal: Tensor, below: Tensor) -> Tensor:
         shift *= 2
     ends = maps.sum(-1)  # each composition applied to (1, 1): the last map ignores its input
     return (ends[..., 0] / ends[..., 1]).flip(0)
+
+
+def _block_pivots(diagonal: Tensor, below: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The backward sweep of a block tridiagonal precision, :math:`R_{T-1} = H_{T-1,T-1}` and
+    :math:`R_t = H_{tt} - H_{t+1,t}^\top R_{t+1}^{-1} H_{t+1,t}` (so :math:`C_t^\top C_t =
+    R_t`), in :math:`\lceil \log_2 T \rceil` rounds. Step :math:`t` is the quadratic form
+    :math:`x_t^\top H_{tt} x_t + 2 x_t^\top H_{t+1,t}^\top x_{t+1}` of its first and next
+    state, held as the blocks :math:`(P, Q, E)` of :math:`a^\top P a + 2 a^\top Q b + b^\top E
+    b`. Two adjacent segments compose by eliminating the state they share (Gaussian
+    marginalization, so associative): with :math:`M = E_1 + P_2`,
+
+    .. math::
+
+        P = P_1 - Q_1 M^{-1} Q_1^\top, \quad Q = -Q_1 M^{-1} Q_2, \quad
+        E = E_2 - Q_2^\top M^{-1} Q_2,
+
+    and the composition of steps :math:`t .. T-1` is :math:`(R_t, 0, 0)` (an inclusive scan
+    in reversed time). :math:`M` is a Schur complement of a principal block of :math:`H`:
+    positive definite when :math:`H` is. Returns the pivots ``(T, *batch, k, k)`` and, per
+    batch member, whether every :math:`M` was positive definite (where one was not, it is
+    taken as the identity and the pivots are finite and meaningless)."""
+    num_steps = len(diagonal)
+    first = diagonal.flip(0)  # reversed time: element u composes the steps T-1-u .. T-1
+    cross = torch.cat((below[1:].mT, torch.zeros_like(below[:1]))).flip(0)
+    last = torch.zeros_like(first)
+    eliminated = torch.ones(diagonal.shape[1:-2], dtype=torch.bool, device=diagonal.device)
+    identity = torch.eye(diagonal.shape[-1], dtype=diagonal.dtype, device=diagonal.device)
+    shift = 1
+    while shift < num_steps:
+        # segment u (steps T-1-u ..) comes first, segment u - shift (further on) second
+        shared = last[shift:] + first[:-shift]
+        fine = torch.linalg.cholesky_ex(shared).info == 0
+        eliminated = eliminated & fine.all(0)
+        # the inverse of a k x k block: for small k, cheaper than a Cholesky solve
+        inverse = torch.linalg.inv_ex(torch.where(fine[..., None, None], shared, identity))[0]
+        to_first, to_last = inverse @ cross[shift:].mT, inverse @ cross[:-shift]
+        composed_first = first[shift:] - cross[shift:] @ to_first
+        composed_last = last[:-shift] - cross[:-shift].mT @ to_last
+        first = torch.cat((first[:shift], (composed_first + composed_first.mT) / 2))
+        last = torch.cat((last[:shift], (composed_last + composed_last.mT) / 2))
+        cross = torch.cat((cross[:shift], -cross[shift:] @ to_last))
+        shift *= 2
+    return first.flip(0), eliminated
 
 
 def block_tridiagonal_hessian(
@@ -352,12 +387,13 @@ def path_laplace_warm_start(
         slot.name: piece.reshape(slot.unconstrained_shape)
         for slot, piece in zip(path_slots, _pieces(mode, path_slots), strict=True)
     }
-    priors = _path_priors(model, guide, latent, args, kwargs)
-    for slot, residual in zip(path_slots, guide.paths, strict=True):
-        if residual.linearization is not None:  # paths="laplace": each draw's own Laplace
-            with torch.no_grad():
+    if guide.paths[0].linearization is not None:  # paths="laplace": each draw's own Laplace
+        with torch.no_grad():
+            for slot, residual in zip(path_slots, guide.paths, strict=True):
                 residual.linearization.copy_(modes[slot.name])
-        else:
+    else:
+        priors = _path_priors(model, guide, latent, args, kwargs)
+        for slot, residual in zip(path_slots, guide.paths, strict=True):
             _set_residual(residual, priors[slot.name], modes[slot.name], factors[slot.name])
     return PathLaplaceApproximation(
         start[global_index] if global_index else None,

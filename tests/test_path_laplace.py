@@ -12,7 +12,7 @@ import torch
 from torch.autograd.functional import hessian, jacobian
 
 import pyro_arflow as af
-from pyro_arflow._laplace import log_density
+from pyro_arflow._laplace import log_density, reversed_cholesky
 from pyro_arflow.path_laplace import (
     BlockBidiagonalFactor,
     block_tridiagonal_hessian,
@@ -248,25 +248,44 @@ def test_fit_warm_starts_paths_by_default_and_warns_where_it_cannot():
     assert result.warm_start is None
 
 
-def test_the_scalar_sweep_holds_in_float32_over_a_long_path():
-    """The parallel sweep of a tridiagonal precision (scalar states) in float32, over 3000
-    states of a random walk seen through noise 4.5 times its step (condition number ~ 80),
-    solves as float64's dense algebra does."""
-    steps, seen = 3000, 0.05
-    diagonal = torch.full((steps,), 2.0 + seen)
-    diagonal[-1] = 1.0 + seen
-    below = torch.full((steps,), -1.0)
-    below[0] = 0.0
-    dense = torch.diag(diagonal) + torch.diag(below[1:], -1) + torch.diag(below[1:], 1)
-    rhs = torch.randn(steps)
-    exact = torch.linalg.solve(dense, rhs)
-    factor = BlockBidiagonalFactor.from_blocks(
-        diagonal.float().reshape(steps, 1, 1), below.float().reshape(steps, 1, 1)
-    )
-    solved = factor.solve(rhs.float().reshape(steps, 1)).reshape(steps).double()
+@pytest.mark.parametrize("size", [1, 2])
+def test_the_parallel_sweep_holds_in_float32_over_a_long_path(size):
+    """The parallel sweep in float32, over 3000 scalar states (or 1500 2-vectors) of a random
+    walk (rotating, for vectors) seen through noise 4.5 times its step (condition number ~ 80),
+    factors and solves as float64's dense algebra does."""
+    steps, seen = 3000 // size, 0.05
+    angle = torch.tensor(0.3)
+    rotation = torch.stack(
+        (torch.stack((angle.cos(), -angle.sin())), torch.stack((angle.sin(), angle.cos())))
+    )[:size, :size]
+    shift_back = torch.diag(torch.ones(steps - 1), -1)  # x_{t-1} in row t
+    walk = torch.eye(steps * size) - torch.kron(shift_back, rotation)
+    observation = seen * torch.tensor([[1.0, 0.5], [0.5, 1.0]])[:size, :size]
+    dense = walk.T @ walk + torch.kron(torch.eye(steps), observation)
+    diagonal, below = dense_blocks(dense, steps, size)
+    factor = BlockBidiagonalFactor.from_blocks(diagonal.float(), below.float())
+    rhs = torch.randn(steps, size)
+    exact = torch.linalg.solve(dense, rhs.reshape(-1))
+    solved = factor.solve(rhs.float()).reshape(-1).double()
     assert (solved - exact).norm() < 1e-4 * exact.norm()
-    pivots = factor.diagonal.reshape(steps).double().square()
-    assert torch.allclose(pivots, torch.linalg.cholesky(dense.flip(0, 1)).diagonal().flip(0) ** 2)
+    exact_diagonal, _ = dense_blocks(reversed_cholesky(dense), steps, size)
+    assert torch.allclose(factor.diagonal.double(), exact_diagonal, rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_member_that_is_not_positive_definite_leaves_the_others_alone():
+    """Block states: a member whose precision is indefinite in the middle of the path is
+    flagged, its factor finite; the other member's factor is what it is alone."""
+    steps, size = 9, 2
+    diagonal, below = dense_blocks(random_precision(steps, size, 0), steps, size)
+    indefinite = diagonal.clone()
+    indefinite[4] -= 50 * torch.eye(size)
+    batch = (torch.stack((diagonal, indefinite), 1), torch.stack((below, below), 1))
+    factor, positive = BlockBidiagonalFactor.from_blocks_ex(*batch)
+    assert positive.tolist() == [True, False]
+    assert torch.isfinite(factor.diagonal).all() and torch.isfinite(factor.below).all()
+    alone = BlockBidiagonalFactor.from_blocks(diagonal, below)
+    assert torch.allclose(factor.diagonal[:, 0], alone.diagonal, atol=1e-12)
+    assert torch.allclose(factor.below[:, 0], alone.below, atol=1e-12)
 
 
 def turning_with_globals(data):
