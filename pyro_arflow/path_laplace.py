@@ -32,9 +32,10 @@ The same approximation at *every* draw of the globals is :func:`conditional_lapl
 linearization path (the warm start's mode), differentiable in the globals, so the guide's
 law of a linear-Gaussian path given any globals is the exact conditional posterior (INLA's
 Gaussian conditional, Rue, Martino and Chopin 2009) and the flow over the globals fits their
-marginal posterior; the learned residual adds to it. For scalar states the backward sweep is
-a :math:`\lceil \log_2 T \rceil`-round scan of Möbius maps, and the solves are linear
-recurrences (:func:`~pyro_arflow.recurrences.linear_recurrence`).
+marginal posterior; the learned residual adds to it. The backward sweep is a
+:math:`\lceil \log_2 T \rceil`-round scan (of Möbius maps for scalar states, of Schur
+complements for blocks), and the solves are linear recurrences
+(:func:`~pyro_arflow.recurrences.linear_recurrence`).
 """
 
 from __future__ import annotations
