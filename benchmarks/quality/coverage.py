@@ -86,9 +86,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             }
             if not fit.diverged:
                 log_vol = guide_draws(sv.model, guide, (returns,), args.draws, ["log_vol"])
-                scores = sv.against_truth(
-                    log_vol["log_vol"], sv.path_band(log_vol["log_vol"]), true_log_vol
-                )
+                scores = sv.against_truth(log_vol["log_vol"], true_log_vol)
                 row |= scores | {
                     "coverage - NUTS": scores["90% band coverage"] - reference["90% band coverage"],
                     "RMSE - NUTS": scores["path RMSE"] - reference["path RMSE"],
@@ -121,7 +119,7 @@ def reference_scores(
     log_vol = run.draws["log_vol"].flatten(0, 1)
     return {
         "seconds": run.seconds,
-        **sv.against_truth(log_vol, sv.path_band(log_vol), true_log_vol),
+        **sv.against_truth(log_vol, true_log_vol),
     }
 
 

@@ -169,7 +169,7 @@ def regenerate_reference(length: int, seed: int) -> None:
     # NUTS's own scores against the simulated path: what the exact posterior gives there
     draws = run.draws["log_vol"].flatten(0, 1)
     summary = json.loads(REFERENCES[length].read_text())
-    summary["against_truth"] = against_truth(draws, path_band(draws), true_log_vol)
+    summary["against_truth"] = against_truth(draws, true_log_vol)
     REFERENCES[length].write_text(json.dumps(summary, indent=1))
 
 
@@ -265,20 +265,22 @@ def path_band(log_vol: torch.Tensor) -> torch.Tensor:
 
 
 def against_truth(
-    log_vol: torch.Tensor, band: torch.Tensor, true_log_vol: torch.Tensor
+    log_vol: torch.Tensor, true_log_vol: torch.Tensor, band: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """The share of the simulated path inside the 90% ``band`` and the RMSE of the draws'
-    mean path (``log_vol`` shaped ``(draws, T)``) against it."""
-    low, _, high = band
+    """The share of the simulated path inside the 90% ``band`` (by default the draws' own,
+    :func:`path_band`) and the RMSE of the draws' mean path (``log_vol`` shaped
+    ``(draws, T)``) against it."""
+    low, _, high = path_band(log_vol) if band is None else band
     return {
         "90% band coverage": ((true_log_vol >= low) & (true_log_vol <= high)).float().mean().item(),
         "path RMSE": math.sqrt(((log_vol.mean(0) - true_log_vol) ** 2).mean().item()),
     }
 
 
-def scores(draws, reference, true_log_vol, band) -> dict[str, float]:
-    """Against NUTS (when there is a reference) and against the simulated path."""
-    truth_scores = against_truth(draws["log_vol"], band, true_log_vol)
+def scores(draws, reference, true_log_vol, band=None) -> dict[str, float]:
+    """Against NUTS (when there is a reference) and against the simulated path (in ``band``,
+    by default the draws' own)."""
+    truth_scores = against_truth(draws["log_vol"], true_log_vol, band)
     if reference is None:
         return truth_scores
     error, log_sd = posterior_error(draws, reference, ["log_vol", *GLOBALS])
@@ -323,7 +325,6 @@ def compare_samplers(guide, returns, reference, true_log_vol, args) -> list[dict
         per_chain = {s: sites[s].unflatten(0, (2, -1)) for s in ("log_vol", *GLOBALS)}
         summary = Chains(per_chain, run.seconds, run.divergences, run.settings).summary()
         draws = {s: v.flatten(0, 1) for s, v in per_chain.items()}
-        band = path_band(draws["log_vol"])
         rows.append(
             {
                 "guide": name,
@@ -332,7 +333,7 @@ def compare_samplers(guide, returns, reference, true_log_vol, args) -> list[dict
                 "min ESS / s": min(s["min_ess"] for s in summary.values()) / run.seconds,
                 "divergences": run.divergences,
                 "max R-hat": max(s["max_rhat"] for s in summary.values()),
-                **scores(draws, reference, true_log_vol, band),
+                **scores(draws, reference, true_log_vol),
             }
         )
     return rows
